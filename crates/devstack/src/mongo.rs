@@ -1,0 +1,203 @@
+//! The MongoDB-wire server: SecantusDB (PyPI) in a venv. No real `mongod` can be installed on these machines.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
+
+use nix::sys::signal::Signal;
+
+use crate::{DevstackError, Installer, Result, proc};
+
+#[derive(Debug, Clone)]
+pub struct MongoConfig {
+    pub port: u16,
+    /// Where the server keeps `log` (and its data when `storage` is `None`... see below).
+    pub dir: PathBuf,
+    /// `None`: in memory (tests; lost on restart). `Some(path)`: on disk, kept across restarts.
+    pub storage: Option<PathBuf>,
+}
+
+/// A Mongo-wire server. Dropping a private one kills it and deletes its files.
+#[derive(Debug)]
+pub struct Mongo {
+    cfg: MongoConfig,
+    exe: PathBuf,
+    child: Option<Child>,
+    pid: Option<u32>,
+    owned: bool,
+}
+
+impl Mongo {
+    /// A server of this test's own, on disk (so a restart keeps the data), deleted on drop.
+    pub async fn start_private() -> Result<Self> {
+        let dir = crate::cache_dir()
+            .join("run")
+            .join(format!("mongo-private-{}", uuid::Uuid::new_v4().simple()));
+        let cfg = MongoConfig {
+            port: proc::free_port()?,
+            storage: Some(dir.join("data")),
+            dir,
+        };
+        let mut m = Self::start_with(cfg).await?;
+        m.owned = true;
+        Ok(m)
+    }
+
+    pub async fn start_with(cfg: MongoConfig) -> Result<Self> {
+        let exe = Installer::global().mongo_exe().await?;
+        let mut m = Self {
+            cfg,
+            exe,
+            child: None,
+            pid: None,
+            owned: false,
+        };
+        m.start().await?;
+        Ok(m)
+    }
+
+    pub(crate) async fn attach(cfg: MongoConfig, pid: u32) -> Result<Self> {
+        let exe = Installer::global().mongo_exe().await?;
+        Ok(Self {
+            cfg,
+            exe,
+            child: None,
+            pid: Some(pid),
+            owned: false,
+        })
+    }
+
+    pub fn url(&self) -> String {
+        mongo_url(self.cfg.port)
+    }
+    pub fn port(&self) -> u16 {
+        self.cfg.port
+    }
+    pub fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+    pub fn log_path(&self) -> PathBuf {
+        self.cfg.dir.join("log")
+    }
+
+    /// Starts the server (again) and waits for a `ping` to succeed.
+    pub async fn start(&mut self) -> Result<()> {
+        if self.running() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&self.cfg.dir).map_err(|e| DevstackError::Io {
+            what: format!("creating {}", self.cfg.dir.display()),
+            source: e,
+        })?;
+        let storage = match &self.cfg.storage {
+            Some(p) => p.display().to_string(),
+            None => ":memory:".to_owned(),
+        };
+        let mut c = Command::new(&self.exe);
+        c.args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &self.cfg.port.to_string(),
+            "--storage-path",
+            &storage,
+        ])
+        .args(["--log-level", "WARNING", "--config", "/dev/null"])
+        .current_dir(&self.cfg.dir);
+        let child = proc::spawn_detached(c, &self.log_path())?;
+        self.pid = Some(child.id());
+        self.child = Some(child);
+        self.wait_ready(Duration::from_secs(60)).await
+    }
+
+    async fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    return Err(DevstackError::Exited {
+                        server: "mongo",
+                        status: status.to_string(),
+                        log: self.log_path(),
+                    });
+                }
+            }
+            if proc::port_open(self.cfg.port) && ping(&self.url()).await {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(DevstackError::NotReady {
+                    server: "mongo",
+                    seconds: timeout.as_secs(),
+                    log: self.log_path(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn stop(&mut self) -> Result<()> {
+        if let Some(pid) = self.pid.take() {
+            proc::terminate(pid, self.child.as_mut(), Duration::from_secs(15)).await;
+        }
+        self.child = None;
+        Ok(())
+    }
+
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(pid) = self.pid.take() {
+            proc::signal(pid, Signal::SIGKILL);
+            if let Some(c) = self.child.as_mut() {
+                let _ = c.wait();
+            }
+        }
+        self.child = None;
+        Ok(())
+    }
+
+    pub fn running(&self) -> bool {
+        self.pid.is_some_and(proc::pid_alive)
+    }
+
+    pub(crate) async fn destroy(&mut self) -> Result<()> {
+        self.stop().await?;
+        match std::fs::remove_dir_all(&self.cfg.dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(DevstackError::Io {
+                what: format!("removing {}", self.cfg.dir.display()),
+                source: e,
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+pub(crate) fn mongo_url(port: u16) -> String {
+    format!("mongodb://127.0.0.1:{port}/?directConnection=true")
+}
+
+pub(crate) async fn ping(url: &str) -> bool {
+    let Ok(mut opts) = mongodb::options::ClientOptions::parse(url).await else {
+        return false;
+    };
+    opts.server_selection_timeout = Some(Duration::from_millis(800));
+    opts.connect_timeout = Some(Duration::from_millis(800));
+    let Ok(client) = mongodb::Client::with_options(opts) else {
+        return false;
+    };
+    client
+        .database("admin")
+        .run_command(mongodb::bson::doc! {"ping": 1})
+        .await
+        .is_ok()
+}
+
+impl Drop for Mongo {
+    fn drop(&mut self) {
+        if self.owned {
+            let _ = self.kill();
+            let _ = std::fs::remove_dir_all(&self.cfg.dir);
+        }
+    }
+}
