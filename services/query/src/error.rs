@@ -1,0 +1,31 @@
+//! The query service's error type.
+
+use axum::response::{IntoResponse, Response};
+use cqrs_common::Problem;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("mongodb: {0}")]
+    Mongo(#[from] mongodb::error::Error),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl IntoResponse for QueryError {
+    fn into_response(self) -> Response {
+        tracing::error!(error = %self, "request failed");
+        match self {
+            QueryError::Mongo(_) | QueryError::Kafka(_) => {
+                Problem::unavailable(format!("a dependency is unavailable: {self}"), 1)
+                    .into_response()
+            }
+            _ => Problem::internal(self.to_string()).into_response(),
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! Projections against real Kafka and the MongoDB-wire server: idempotence, replays, crashes, poison events.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use cqrs_events::AggregateType;
+use mongodb::bson::doc;
+use uuid::Uuid;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_type_applies_and_duplicates_change_nothing() {
+    let env = env("dup-every-type").await;
+    let svc = start(env.config.clone()).await;
+    let (events, u, u2, p, p2, o) = every_event_type();
+    env.send_all(&events).await;
+    svc.wait_caught_up().await;
+
+    let user = svc.get(&format!("/user/{u}")).await;
+    assert_eq!(user.status(), 200);
+    assert_eq!(user.headers()["etag"], "\"2\"");
+    let user: serde_json::Value = user.json().await.unwrap();
+    assert_eq!(user["email"], "ann@example.org");
+    assert_eq!(user["name"], "Ann B");
+    assert_eq!(user["version"], 2);
+    assert!(user.get("password").is_none() && user.get("passwordHash").is_none());
+    assert_eq!(svc.get(&format!("/user/{u2}")).await.status(), 404);
+    let product = svc.get_json(&format!("/product/{p}")).await;
+    assert_eq!(product["price"], "25.99");
+    assert_eq!(product["priceCents"], 2599);
+    assert_eq!(product["name"], "Widget Pro");
+    assert_eq!(svc.get(&format!("/product/{p2}")).await.status(), 404);
+    let order = svc.get_json(&format!("/order/{o}")).await;
+    assert_eq!(order["status"], "CANCELLED");
+    assert_eq!(order["totalCents"], 5997);
+    assert_eq!(order["total"], "59.97");
+    assert_eq!(order["user"]["id"], u.to_string());
+    assert_eq!(order["items"][0]["productName"], "Widget");
+    assert_eq!(order["items"][0]["unitPrice"], "19.99");
+    assert_eq!(order["version"], 2);
+
+    let before = env.snapshot(1).await;
+    assert_eq!(before.len(), 5);
+    // Deliver every event again, twice, in two different orders (each aggregate's order is kept per key).
+    env.send_all(&events).await;
+    let mut rev = events.clone();
+    rev.reverse();
+    env.send_all(&rev).await;
+    svc.wait_caught_up().await;
+    assert_eq!(env.snapshot(1).await, before, "duplicates changed the read models");
+    assert_eq!(svc.metric("cqrs_query_events_applied_total", ""), 10.0);
+    assert_eq!(svc.metric("cqrs_query_events_skipped_total", "reason=duplicate"), 20.0);
+    assert_eq!(svc.metric("cqrs_query_dlq_total", ""), 0.0);
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaying_whole_topics_from_offset_zero_changes_nothing() {
+    let env = env("replay-from-zero").await;
+    let svc = start(env.config.clone()).await;
+    let mut events = Vec::new();
+    for i in 0..20 {
+        let id = Uuid::new_v4();
+        events.push(product_created(id, &format!("p{i}"), 100 + i));
+        events.push(product_updated(id, 2, &format!("p{i}'"), 200 + i));
+        let u = Uuid::new_v4();
+        events.push(user_created(u, &format!("u{i}@example.com")));
+        events.push(order_created(Uuid::new_v4(), u, id, 200 + i, 2));
+    }
+    env.send_all(&events).await;
+    svc.wait_caught_up().await;
+    let before = env.snapshot(1).await;
+    assert_eq!(before.len(), 60);
+    svc.stop().await;
+
+    // Point generation 1 at a brand-new consumer group: it reads all three topics from offset 0 again into
+    // the existing collections.
+    env.mongo
+        .collection::<mongodb::bson::Document>("_meta")
+        .update_one(doc! {"_id": "projection"}, doc! {"$set": {"servingGroup": format!("{}.replay", env.topics.prefix())}})
+        .await
+        .unwrap();
+    let svc = start(env.config.clone()).await;
+    svc.wait_caught_up().await;
+    assert_eq!(env.snapshot(1).await, before);
+    assert_eq!(svc.metric("cqrs_query_events_applied_total", ""), 0.0);
+    assert_eq!(svc.metric("cqrs_query_events_skipped_total", "reason=duplicate"), 80.0);
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_write_before_commit_loses_and_doubles_nothing() {
+    let env = env("crash-before-commit").await;
+    // Batches of at most 5 messages, and the consumer dies after its first durable write, before committing.
+    let mut cfg = env.config.clone();
+    cfg.batch_size = 5;
+    cfg.fault_crash_after_write = Some(1);
+    let ids: Vec<Uuid> = (0..10).map(|_| Uuid::new_v4()).collect();
+    let mut events = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        events.push(product_created(*id, &format!("p{i}"), 100));
+        events.push(product_updated(*id, 2, &format!("p{i}"), 150));
+        events.push(product_updated(*id, 3, &format!("p{i}"), 175));
+    }
+    env.send_all(&events).await;
+    let crashing = start(cfg).await;
+    assert!(wait_until(WAIT, || async { crashing.ctx.fault_fired.load(std::sync::atomic::Ordering::SeqCst) }).await);
+    let written = env.snapshot(1).await;
+    assert!(!written.is_empty(), "the first batch was written before the crash");
+    let applied_before_crash = crashing.metric("cqrs_query_events_applied_total", "");
+    assert!(applied_before_crash >= 1.0);
+    let status = crashing.get_json("/sync-status").await;
+    assert_eq!(status["caughtUp"], false, "the crashed batch was never committed: {status:#}");
+    crashing.stop().await;
+
+    let svc = start(env.config.clone()).await;
+    svc.wait_caught_up().await;
+    let docs = env.snapshot(1).await;
+    assert_eq!(docs.len(), 10);
+    for d in &docs {
+        assert_eq!(d.get_i64("version").unwrap(), 3, "{d}");
+        assert_eq!(d.get_i64("priceCents").unwrap(), 175);
+    }
+    // The batch written before the crash was redelivered and skipped, nothing applied twice.
+    let skipped = svc.metric("cqrs_query_events_skipped_total", "reason=duplicate");
+    let applied = svc.metric("cqrs_query_events_applied_total", "");
+    assert!(skipped >= 1.0, "the uncommitted batch is redelivered");
+    assert_eq!(applied + applied_before_crash, 30.0, "every event applied exactly once");
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_between_good_events_is_dead_lettered_and_the_partition_moves_on() {
+    let env = env("poison").await;
+    let mut cfg = env.config.clone();
+    cfg.gap_hold_ms = 300;
+    let svc = start(cfg).await;
+    let p = Uuid::new_v4();
+    env.send(&product_created(p, "Widget", 100)).await;
+    // Same key, same partition, between two good events: garbage, an unknown type, an invalid payload.
+    env.send_raw(AggregateType::Product, &p.to_string(), b"{not json").await;
+    let unknown = serde_json::json!({"id": Uuid::now_v7(), "type": "PRODUCT-EXPLODED", "schemaVersion": 1,
+        "aggregateType": "product", "aggregateId": p, "version": 2, "occurredAt": "2026-01-01T00:00:00Z", "data": {}});
+    env.send_raw(AggregateType::Product, &p.to_string(), unknown.to_string().as_bytes()).await;
+    let negative = product_updated(p, 2, "Widget", -5);
+    env.send(&negative).await;
+    env.send(&product_updated(p, 2, "Widget", 300)).await;
+    // A gap: version 4 without 3.
+    let q = Uuid::new_v4();
+    env.send(&product_created(q, "Gap", 100)).await;
+    let gap = product_updated(q, 3, "Gap", 300);
+    env.send(&gap).await;
+
+    let status = svc.wait_caught_up().await;
+    for proj in status["projections"].as_array().unwrap() {
+        assert_eq!(proj["lagMessages"], 0);
+    }
+    assert_eq!(status["dlq"]["count"], 4, "{status:#}");
+    let prod = svc.get_json(&format!("/product/{p}")).await;
+    assert_eq!(prod["priceCents"], 300);
+    assert_eq!(prod["version"], 2);
+    assert_eq!(svc.get_json(&format!("/product/{q}")).await["version"], 1);
+
+    let dlq = svc.get_json("/admin/dlq?limit=10").await;
+    let items = dlq["items"].as_array().unwrap();
+    assert_eq!(items.len(), 4);
+    let reasons: Vec<&str> = items.iter().map(|i| i["reason"].as_str().unwrap()).collect();
+    assert!(reasons.iter().any(|r| r.starts_with("not a JSON")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("unknown event type")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("negative price")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.starts_with("version gap")), "{reasons:?}");
+    for i in items {
+        assert_eq!(i["sourceTopic"], env.topics.for_aggregate(AggregateType::Product));
+        assert!(i["sourceOffset"].is_i64());
+    }
+    assert_eq!(svc.metric("cqrs_query_dlq_total", ""), 4.0);
+
+    // The missing version 2 arrives; replaying the gap entry from the DLQ then applies version 3.
+    env.send(&product_updated(q, 2, "Gap", 200)).await;
+    svc.wait_caught_up().await;
+    let gap_entry = items.iter().find(|i| i["reason"].as_str().unwrap().starts_with("version gap")).unwrap();
+    let res = svc
+        .http
+        .post(svc.url("/admin/dlq/replay"))
+        .json(&serde_json::json!({"entries": [{"partition": gap_entry["partition"], "offset": gap_entry["offset"]}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["replayed"].as_array().unwrap().len(), 1);
+    assert!(
+        wait_until(WAIT, || async { svc.get_json(&format!("/product/{q}")).await["version"] == 3 }).await,
+        "replayed event applied"
+    );
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_status_is_false_while_behind_and_true_when_idle_and_complete() {
+    let env = env("sync-status").await;
+    let mut events = Vec::new();
+    for i in 0..12 {
+        events.push(user_created(Uuid::new_v4(), &format!("u{i}@example.com")));
+    }
+    env.send_all(&events).await;
+    // A consumer that dies after its first batch leaves the group behind: a deterministic "behind" state.
+    let mut cfg = env.config.clone();
+    cfg.batch_size = 2;
+    cfg.fault_crash_after_write = Some(1);
+    let behind = start(cfg).await;
+    assert!(wait_until(WAIT, || async { behind.ctx.fault_fired.load(std::sync::atomic::Ordering::SeqCst) }).await);
+    let s = behind.get_json("/sync-status").await;
+    assert_eq!(s["caughtUp"], false);
+    assert_eq!(s["projections"][0]["lagMessages"], 12, "{s:#}");
+    assert!(s["projections"][0]["partitions"].as_array().unwrap().len() >= 9);
+    behind.stop().await;
+
+    let svc = start(env.config.clone()).await;
+    let s = svc.wait_caught_up().await;
+    assert_eq!(s["projections"][0]["lagMessages"], 0);
+    assert_eq!(s["projections"][0]["lagSeconds"], 0.0);
+    assert_eq!(s["relay"]["backlog"], 0);
+    // Idle and complete stays true.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(svc.get_json("/sync-status").await["caughtUp"], true);
+    // A relay backlog makes it false, and so does an unreachable relay.
+    env.relay_backlog.store(3, std::sync::atomic::Ordering::SeqCst);
+    let s = svc.get_json("/sync-status").await;
+    assert_eq!(s["caughtUp"], false);
+    assert_eq!(s["relay"]["backlog"], 3);
+    env.relay_backlog.store(0, std::sync::atomic::Ordering::SeqCst);
+    svc.stop().await;
+    let mut cfg = env.config.clone();
+    cfg.mutation_url = "http://127.0.0.1:9".into();
+    let svc = start(cfg).await;
+    let s = svc.get_json("/sync-status").await;
+    assert_eq!(s["caughtUp"], false);
+    assert_eq!(s["relay"]["reachable"], false);
+    svc.stop().await;
+}
