@@ -1,0 +1,1001 @@
+//! Commands and how each one is written: state rows, the event and its outbox row, inside the caller's
+//! transaction. Expected refusals (missing, version mismatch, duplicate email, unknown references) are detected
+//! by reading rows, not by raising errors, so one refused command never aborts the shared transaction of a
+//! group commit.
+
+use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
+use cqrs_common::{FieldError, Problem};
+use cqrs_events::{
+    Envelope, EventPayload, OrderCancelled, OrderCreated, OrderItem, OrderUser, ProductCreated,
+    ProductDeleted, ProductUpdated, UserCreated, UserDeleted, UserUpdated,
+};
+use serde_json::{Value, json};
+use sqlx::{PgConnection, Row};
+use uuid::Uuid;
+
+use crate::domain::{Email, PriceCents, format_cents};
+
+/// Where a command came from; stored in the event's metadata and envelope.
+#[derive(Debug, Clone, Default)]
+pub struct Meta {
+    pub trace_id: Option<String>,
+    pub causation_id: Option<String>,
+}
+
+/// A validated command. Password hashes are computed before a command is built; the hash only travels to the
+/// `users` row.
+pub enum Command {
+    CreateUser {
+        id: Uuid,
+        email: Email,
+        password_hash: String,
+        name: Option<String>,
+    },
+    UpdateUser {
+        id: Uuid,
+        expected: Option<i64>,
+        email: Option<Email>,
+        name: Option<Option<String>>,
+        password_hash: Option<String>,
+    },
+    DeleteUser {
+        id: Uuid,
+        expected: Option<i64>,
+    },
+    CreateProduct {
+        id: Uuid,
+        name: String,
+        price: PriceCents,
+        description: Option<String>,
+    },
+    UpdateProduct {
+        id: Uuid,
+        expected: Option<i64>,
+        name: Option<String>,
+        price: Option<PriceCents>,
+        description: Option<Option<String>>,
+    },
+    DeleteProduct {
+        id: Uuid,
+        expected: Option<i64>,
+    },
+    CreateOrder {
+        id: Uuid,
+        user_id: Uuid,
+        items: Vec<(Uuid, u32)>,
+    },
+    CancelOrder {
+        id: Uuid,
+        expected: Option<i64>,
+        reason: Option<String>,
+    },
+}
+
+impl std::fmt::Debug for Command {
+    // Hand-written so a password hash can never reach a log line through `{:?}`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Command::{}", self.kind())
+    }
+}
+
+impl Command {
+    /// The metrics label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Command::CreateUser { .. } => "create_user",
+            Command::UpdateUser { .. } => "update_user",
+            Command::DeleteUser { .. } => "delete_user",
+            Command::CreateProduct { .. } => "create_product",
+            Command::UpdateProduct { .. } => "update_product",
+            Command::DeleteProduct { .. } => "delete_product",
+            Command::CreateOrder { .. } => "create_order",
+            Command::CancelOrder { .. } => "cancel_order",
+        }
+    }
+}
+
+/// A successful command's answer.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub status: StatusCode,
+    pub body: Value,
+    pub version: i64,
+}
+
+/// Why a command was refused (or could not run). One error type for the command boundary.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CommandError {
+    #[error("{entity} {id} not found")]
+    NotFound { entity: &'static str, id: Uuid },
+    #[error("version mismatch: If-Match expected {expected}, current version is {current}")]
+    VersionMismatch { expected: i64, current: i64 },
+    #[error("a user with this email already exists")]
+    DuplicateEmail,
+    #[error("invalid command")]
+    Invalid(Vec<FieldError>),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("this Idempotency-Key was used with a different request")]
+    IdempotencyMismatch,
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl CommandError {
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            CommandError::NotFound { .. } => "not_found",
+            CommandError::VersionMismatch { .. } => "version_mismatch",
+            CommandError::DuplicateEmail => "duplicate",
+            CommandError::Invalid(_) => "invalid",
+            CommandError::Conflict(_) => "conflict",
+            CommandError::IdempotencyMismatch => "idempotency_mismatch",
+            CommandError::Unavailable(_) => "unavailable",
+            CommandError::Internal(_) => "error",
+        }
+    }
+
+    pub fn to_problem(&self) -> Problem {
+        let detail = self.to_string();
+        match self {
+            CommandError::NotFound { .. } => Problem::not_found(detail),
+            CommandError::VersionMismatch { .. } => {
+                Problem::new(StatusCode::PRECONDITION_FAILED, "version-mismatch", detail)
+            }
+            CommandError::DuplicateEmail => {
+                Problem::new(StatusCode::CONFLICT, "duplicate-email", detail).with_errors(vec![
+                    FieldError {
+                        field: "email".into(),
+                        message: "is already registered".into(),
+                    },
+                ])
+            }
+            CommandError::Invalid(errors) => Problem::unprocessable(
+                "the request has invalid or unknown values; see errors",
+                errors.clone(),
+            ),
+            CommandError::Conflict(_) => Problem::new(StatusCode::CONFLICT, "conflict", detail),
+            CommandError::IdempotencyMismatch => Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency-key-reused",
+                detail,
+            ),
+            CommandError::Unavailable(_) => Problem::unavailable(detail, 1),
+            CommandError::Internal(_) => Problem::internal(detail),
+        }
+    }
+}
+
+/// What went wrong while executing: a refusal (the transaction is still usable) or a database error (the
+/// transaction is aborted).
+#[derive(Debug)]
+pub enum ExecError {
+    Rejected(CommandError),
+    Db(sqlx::Error),
+}
+
+impl From<sqlx::Error> for ExecError {
+    fn from(e: sqlx::Error) -> Self {
+        ExecError::Db(e)
+    }
+}
+
+impl From<CommandError> for ExecError {
+    fn from(e: CommandError) -> Self {
+        ExecError::Rejected(e)
+    }
+}
+
+type Exec<T> = Result<T, ExecError>;
+
+/// The columns of one `events` row.
+struct EventRow {
+    id: Uuid,
+    aggregate_type: &'static str,
+    aggregate_id: Uuid,
+    version: i64,
+    event_type: &'static str,
+    schema_version: i32,
+    data: Value,
+    metadata: Value,
+    occurred_at: DateTime<Utc>,
+}
+
+impl EventRow {
+    fn new(aggregate_id: Uuid, version: i64, payload: EventPayload, meta: &Meta) -> Self {
+        let mut env = Envelope::new(aggregate_id, u64::try_from(version).unwrap_or(1), payload);
+        env.trace_id = meta.trace_id.clone();
+        env.causation_id = meta.causation_id.clone();
+        let data = serde_json::to_value(&env.payload)
+            .ok()
+            .and_then(|mut v| v.get_mut("data").map(Value::take))
+            .unwrap_or_else(|| json!({}));
+        let mut metadata = serde_json::Map::new();
+        if let Some(t) = &env.trace_id {
+            metadata.insert("traceId".into(), json!(t));
+        }
+        if let Some(c) = &env.causation_id {
+            metadata.insert("causationId".into(), json!(c));
+        }
+        Self {
+            id: env.id,
+            aggregate_type: env.aggregate_type.as_str(),
+            aggregate_id,
+            version,
+            event_type: env.event_type().as_str(),
+            schema_version: i32::try_from(env.schema_version).unwrap_or(1),
+            data,
+            metadata: Value::Object(metadata),
+            occurred_at: env.occurred_at,
+        }
+    }
+}
+
+/// `$1..$9` of every statement that appends an event: the event row's columns.
+macro_rules! with_event {
+    ($sql:expr, $ev:expr) => {
+        sqlx::query($sql)
+            .bind($ev.id)
+            .bind($ev.aggregate_type)
+            .bind($ev.aggregate_id)
+            .bind($ev.version)
+            .bind($ev.event_type)
+            .bind($ev.schema_version)
+            .bind(&$ev.data)
+            .bind(&$ev.metadata)
+            .bind($ev.occurred_at)
+    };
+}
+
+/// Runs one command in the caller's transaction.
+pub async fn execute(conn: &mut PgConnection, cmd: &Command, meta: &Meta) -> Exec<Outcome> {
+    match cmd {
+        Command::CreateUser {
+            id,
+            email,
+            password_hash,
+            name,
+        } => create_user(conn, *id, email, password_hash, name.as_deref(), meta).await,
+        Command::UpdateUser {
+            id,
+            expected,
+            email,
+            name,
+            password_hash,
+        } => {
+            update_user(
+                conn,
+                *id,
+                *expected,
+                email.as_ref(),
+                name.as_ref(),
+                password_hash.as_deref(),
+                meta,
+            )
+            .await
+        }
+        Command::DeleteUser { id, expected } => delete_user(conn, *id, *expected, meta).await,
+        Command::CreateProduct {
+            id,
+            name,
+            price,
+            description,
+        } => create_product(conn, *id, name, *price, description.as_deref(), meta).await,
+        Command::UpdateProduct {
+            id,
+            expected,
+            name,
+            price,
+            description,
+        } => {
+            update_product(
+                conn,
+                *id,
+                *expected,
+                name.as_deref(),
+                *price,
+                description.as_ref(),
+                meta,
+            )
+            .await
+        }
+        Command::DeleteProduct { id, expected } => delete_product(conn, *id, *expected, meta).await,
+        Command::CreateOrder { id, user_id, items } => {
+            create_order(conn, *id, *user_id, items, meta).await
+        }
+        Command::CancelOrder {
+            id,
+            expected,
+            reason,
+        } => cancel_order(conn, *id, *expected, reason.as_deref(), meta).await,
+    }
+}
+
+fn check_version(expected: Option<i64>, current: i64) -> Result<(), CommandError> {
+    match expected {
+        Some(e) if e != current => Err(CommandError::VersionMismatch {
+            expected: e,
+            current,
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn ts(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+fn user_json(
+    id: Uuid,
+    email: &str,
+    name: Option<&str>,
+    version: i64,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    deleted_at: Option<DateTime<Utc>>,
+) -> Value {
+    let mut v = json!({
+        "id": id, "email": email, "name": name, "version": version,
+        "createdAt": ts(created_at), "updatedAt": ts(updated_at),
+    });
+    if let Some(d) = deleted_at {
+        v["deletedAt"] = json!(ts(d));
+    }
+    v
+}
+
+fn product_json(
+    id: Uuid,
+    name: &str,
+    price_cents: i64,
+    description: Option<&str>,
+    version: i64,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    deleted_at: Option<DateTime<Utc>>,
+) -> Value {
+    let mut v = json!({
+        "id": id, "name": name, "price": format_cents(price_cents), "priceCents": price_cents,
+        "description": description, "version": version,
+        "createdAt": ts(created_at), "updatedAt": ts(updated_at),
+    });
+    if let Some(d) = deleted_at {
+        v["deletedAt"] = json!(ts(d));
+    }
+    v
+}
+
+async fn create_user(
+    conn: &mut PgConnection,
+    id: Uuid,
+    email: &Email,
+    password_hash: &str,
+    name: Option<&str>,
+    meta: &Meta,
+) -> Exec<Outcome> {
+    let ev = EventRow::new(
+        id,
+        1,
+        EventPayload::UserCreated(UserCreated {
+            email: email.as_str().to_owned(),
+            name: name.map(str::to_owned),
+        }),
+        meta,
+    );
+    // One round trip; a duplicate email inserts nothing (and appends nothing) instead of raising.
+    let row = with_event!(
+        "WITH u AS (
+            INSERT INTO users (id, email, password_hash, name, version, created_at, updated_at)
+            VALUES ($3, $10, $11, $12, 1, $9, $9)
+            ON CONFLICT ((lower(email))) DO NOTHING
+            RETURNING id),
+         e AS (
+            INSERT INTO events (event_id, aggregate_type, aggregate_id, version, type, schema_version, data, metadata, occurred_at)
+            SELECT $1, $2, u.id, $4, $5, $6, $7, $8, $9 FROM u
+            RETURNING position)
+         INSERT INTO outbox (position) SELECT position FROM e RETURNING position",
+        ev
+    )
+    .bind(email.as_str())
+    .bind(password_hash)
+    .bind(name)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if row.is_none() {
+        return Err(CommandError::DuplicateEmail.into());
+    }
+    Ok(Outcome {
+        status: StatusCode::CREATED,
+        body: user_json(
+            id,
+            email.as_str(),
+            name,
+            1,
+            ev.occurred_at,
+            ev.occurred_at,
+            None,
+        ),
+        version: 1,
+    })
+}
+
+struct UserRow {
+    email: String,
+    name: Option<String>,
+    version: i64,
+    created_at: DateTime<Utc>,
+}
+
+async fn lock_user(conn: &mut PgConnection, id: Uuid, expected: Option<i64>) -> Exec<UserRow> {
+    let row = sqlx::query(
+        "SELECT email, name, version, created_at FROM users WHERE id = $1 AND deleted_at IS NULL FOR UPDATE",
+    )
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?
+    .ok_or(CommandError::NotFound { entity: "user", id })?;
+    let u = UserRow {
+        email: row.try_get("email")?,
+        name: row.try_get("name")?,
+        version: row.try_get("version")?,
+        created_at: row.try_get("created_at")?,
+    };
+    check_version(expected, u.version)?;
+    Ok(u)
+}
+
+async fn update_user(
+    conn: &mut PgConnection,
+    id: Uuid,
+    expected: Option<i64>,
+    email: Option<&Email>,
+    name: Option<&Option<String>>,
+    password_hash: Option<&str>,
+    meta: &Meta,
+) -> Exec<Outcome> {
+    let u = lock_user(conn, id, expected).await?;
+    let new_email = email
+        .map(|e| e.as_str().to_owned())
+        .unwrap_or(u.email.clone());
+    let new_name = match name {
+        Some(n) => n.clone(),
+        None => u.name.clone(),
+    };
+    if new_email.to_lowercase() != u.email.to_lowercase() {
+        let taken = sqlx::query("SELECT 1 FROM users WHERE lower(email) = lower($1) AND id <> $2")
+            .bind(&new_email)
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
+        if taken.is_some() {
+            return Err(CommandError::DuplicateEmail.into());
+        }
+    }
+    let version = u.version + 1;
+    let ev = EventRow::new(
+        id,
+        version,
+        EventPayload::UserUpdated(UserUpdated {
+            email: new_email.clone(),
+            name: new_name.clone(),
+        }),
+        meta,
+    );
+    with_event!(
+        "WITH u AS (
+            UPDATE users SET email = $10, name = $11, password_hash = COALESCE($12, password_hash),
+                   version = $4, updated_at = $9
+            WHERE id = $3),
+         e AS (
+            INSERT INTO events (event_id, aggregate_type, aggregate_id, version, type, schema_version, data, metadata, occurred_at)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+            RETURNING position)
+         INSERT INTO outbox (position) SELECT position FROM e",
+        ev
+    )
+    .bind(&new_email)
+    .bind(&new_name)
+    .bind(password_hash)
+    .execute(&mut *conn)
+    .await?;
+    Ok(Outcome {
+        status: StatusCode::OK,
+        body: user_json(
+            id,
+            &new_email,
+            new_name.as_deref(),
+            version,
+            u.created_at,
+            ev.occurred_at,
+            None,
+        ),
+        version,
+    })
+}
+
+async fn delete_user(
+    conn: &mut PgConnection,
+    id: Uuid,
+    expected: Option<i64>,
+    meta: &Meta,
+) -> Exec<Outcome> {
+    let u = lock_user(conn, id, expected).await?;
+    let version = u.version + 1;
+    let ev = EventRow::new(id, version, EventPayload::UserDeleted(UserDeleted {}), meta);
+    with_event!(
+        "WITH u AS (UPDATE users SET deleted_at = $9, version = $4, updated_at = $9 WHERE id = $3),
+         e AS (
+            INSERT INTO events (event_id, aggregate_type, aggregate_id, version, type, schema_version, data, metadata, occurred_at)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+            RETURNING position)
+         INSERT INTO outbox (position) SELECT position FROM e",
+        ev
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(Outcome {
+        status: StatusCode::OK,
+        body: user_json(
+            id,
+            &u.email,
+            u.name.as_deref(),
+            version,
+            u.created_at,
+            ev.occurred_at,
+            Some(ev.occurred_at),
+        ),
+        version,
+    })
+}
+
+async fn create_product(
+    conn: &mut PgConnection,
+    id: Uuid,
+    name: &str,
+    price: PriceCents,
+    description: Option<&str>,
+    meta: &Meta,
+) -> Exec<Outcome> {
+    let ev = EventRow::new(
+        id,
+        1,
+        EventPayload::ProductCreated(ProductCreated {
+            name: name.to_owned(),
+            price_cents: price.0,
+            description: description.map(str::to_owned),
+        }),
+        meta,
+    );
+    with_event!(
+        "WITH p AS (
+            INSERT INTO products (id, name, price_cents, description, version, created_at, updated_at)
+            VALUES ($3, $10, $11, $12, 1, $9, $9)),
+         e AS (
+            INSERT INTO events (event_id, aggregate_type, aggregate_id, version, type, schema_version, data, metadata, occurred_at)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+            RETURNING position)
+         INSERT INTO outbox (position) SELECT position FROM e",
+        ev
+    )
+    .bind(name)
+    .bind(price.0)
+    .bind(description)
+    .execute(&mut *conn)
+    .await?;
+    Ok(Outcome {
+        status: StatusCode::CREATED,
+        body: product_json(
+            id,
+            name,
+            price.0,
+            description,
+            1,
+            ev.occurred_at,
+            ev.occurred_at,
+            None,
+        ),
+        version: 1,
+    })
+}
+
+struct ProductRow {
+    name: String,
+    price_cents: i64,
+    description: Option<String>,
+    version: i64,
+    created_at: DateTime<Utc>,
+}
+
+async fn lock_product(
+    conn: &mut PgConnection,
+    id: Uuid,
+    expected: Option<i64>,
+) -> Exec<ProductRow> {
+    let row = sqlx::query(
+        "SELECT name, price_cents, description, version, created_at FROM products
+         WHERE id = $1 AND deleted_at IS NULL FOR UPDATE",
+    )
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?
+    .ok_or(CommandError::NotFound {
+        entity: "product",
+        id,
+    })?;
+    let p = ProductRow {
+        name: row.try_get("name")?,
+        price_cents: row.try_get("price_cents")?,
+        description: row.try_get("description")?,
+        version: row.try_get("version")?,
+        created_at: row.try_get("created_at")?,
+    };
+    check_version(expected, p.version)?;
+    Ok(p)
+}
+
+async fn update_product(
+    conn: &mut PgConnection,
+    id: Uuid,
+    expected: Option<i64>,
+    name: Option<&str>,
+    price: Option<PriceCents>,
+    description: Option<&Option<String>>,
+    meta: &Meta,
+) -> Exec<Outcome> {
+    let p = lock_product(conn, id, expected).await?;
+    let name = name.map(str::to_owned).unwrap_or(p.name);
+    let price_cents = price.map(|p| p.0).unwrap_or(p.price_cents);
+    let description = match description {
+        Some(d) => d.clone(),
+        None => p.description,
+    };
+    let version = p.version + 1;
+    let ev = EventRow::new(
+        id,
+        version,
+        EventPayload::ProductUpdated(ProductUpdated {
+            name: name.clone(),
+            price_cents,
+            description: description.clone(),
+        }),
+        meta,
+    );
+    with_event!(
+        "WITH p AS (
+            UPDATE products SET name = $10, price_cents = $11, description = $12, version = $4, updated_at = $9
+            WHERE id = $3),
+         e AS (
+            INSERT INTO events (event_id, aggregate_type, aggregate_id, version, type, schema_version, data, metadata, occurred_at)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+            RETURNING position)
+         INSERT INTO outbox (position) SELECT position FROM e",
+        ev
+    )
+    .bind(&name)
+    .bind(price_cents)
+    .bind(&description)
+    .execute(&mut *conn)
+    .await?;
+    Ok(Outcome {
+        status: StatusCode::OK,
+        body: product_json(
+            id,
+            &name,
+            price_cents,
+            description.as_deref(),
+            version,
+            p.created_at,
+            ev.occurred_at,
+            None,
+        ),
+        version,
+    })
+}
+
+async fn delete_product(
+    conn: &mut PgConnection,
+    id: Uuid,
+    expected: Option<i64>,
+    meta: &Meta,
+) -> Exec<Outcome> {
+    let p = lock_product(conn, id, expected).await?;
+    let version = p.version + 1;
+    let ev = EventRow::new(
+        id,
+        version,
+        EventPayload::ProductDeleted(ProductDeleted {}),
+        meta,
+    );
+    with_event!(
+        "WITH p AS (UPDATE products SET deleted_at = $9, version = $4, updated_at = $9 WHERE id = $3),
+         e AS (
+            INSERT INTO events (event_id, aggregate_type, aggregate_id, version, type, schema_version, data, metadata, occurred_at)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+            RETURNING position)
+         INSERT INTO outbox (position) SELECT position FROM e",
+        ev
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(Outcome {
+        status: StatusCode::OK,
+        body: product_json(
+            id,
+            &p.name,
+            p.price_cents,
+            p.description.as_deref(),
+            version,
+            p.created_at,
+            ev.occurred_at,
+            Some(ev.occurred_at),
+        ),
+        version,
+    })
+}
+
+fn order_json(
+    id: Uuid,
+    user: &OrderUser,
+    status: &str,
+    items: &[OrderItem],
+    total_cents: i64,
+    version: i64,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    cancelled: Option<(DateTime<Utc>, Option<&str>)>,
+) -> Value {
+    let items: Vec<Value> = items
+        .iter()
+        .map(|i| {
+            json!({
+                "productId": i.product_id, "productName": i.product_name,
+                "unitPriceCents": i.unit_price_cents, "unitPrice": format_cents(i.unit_price_cents),
+                "quantity": i.quantity,
+                "lineTotalCents": i.line_total_cents, "lineTotal": format_cents(i.line_total_cents),
+            })
+        })
+        .collect();
+    let mut v = json!({
+        "id": id, "userId": user.id,
+        "user": {"id": user.id, "email": user.email, "name": user.name},
+        "status": status, "items": items,
+        "totalCents": total_cents, "total": format_cents(total_cents),
+        "version": version, "createdAt": ts(created_at), "updatedAt": ts(updated_at),
+    });
+    if let Some((at, reason)) = cancelled {
+        v["cancelledAt"] = json!(ts(at));
+        v["cancelReason"] = json!(reason);
+    }
+    v
+}
+
+async fn create_order(
+    conn: &mut PgConnection,
+    id: Uuid,
+    user_id: Uuid,
+    items: &[(Uuid, u32)],
+    meta: &Meta,
+) -> Exec<Outcome> {
+    let user =
+        sqlx::query("SELECT email, name FROM users WHERE id = $1 AND deleted_at IS NULL FOR SHARE")
+            .bind(user_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let mut errors = Vec::new();
+    let user = match user {
+        Some(r) => Some(OrderUser {
+            id: user_id,
+            email: r.try_get("email")?,
+            name: r.try_get("name")?,
+        }),
+        None => {
+            errors.push(FieldError {
+                field: "userId".into(),
+                message: "no such user".into(),
+            });
+            None
+        }
+    };
+    let mut ids: Vec<Uuid> = items.iter().map(|(p, _)| *p).collect();
+    ids.sort();
+    ids.dedup();
+    // FOR SHARE: a product cannot be deleted or repriced while an order that read it is being written.
+    let rows = sqlx::query(
+        "SELECT id, name, price_cents FROM products WHERE id = ANY($1) AND deleted_at IS NULL ORDER BY id FOR SHARE",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut products = std::collections::HashMap::new();
+    for r in rows {
+        let pid: Uuid = r.try_get("id")?;
+        let name: String = r.try_get("name")?;
+        let price: i64 = r.try_get("price_cents")?;
+        products.insert(pid, (name, price));
+    }
+    let mut lines = Vec::with_capacity(items.len());
+    let mut total: Option<i64> = Some(0);
+    for (i, (pid, qty)) in items.iter().enumerate() {
+        match products.get(pid) {
+            None => errors.push(FieldError {
+                field: format!("items[{i}].productId"),
+                message: "no such product".into(),
+            }),
+            Some((name, price)) => {
+                let line = price.checked_mul(i64::from(*qty));
+                total = total.and_then(|t| line.and_then(|l| t.checked_add(l)));
+                lines.push(OrderItem {
+                    product_id: *pid,
+                    product_name: name.clone(),
+                    unit_price_cents: *price,
+                    quantity: *qty,
+                    line_total_cents: line.unwrap_or(0),
+                });
+            }
+        }
+    }
+    let Some(user) = user else {
+        return Err(CommandError::Invalid(errors).into());
+    };
+    if !errors.is_empty() {
+        return Err(CommandError::Invalid(errors).into());
+    }
+    let total = total.ok_or_else(|| {
+        CommandError::Invalid(vec![FieldError {
+            field: "items".into(),
+            message: "order total is too large".into(),
+        }])
+    })?;
+    let ev = EventRow::new(
+        id,
+        1,
+        EventPayload::OrderCreated(OrderCreated {
+            user: user.clone(),
+            items: lines.clone(),
+            total_cents: total,
+        }),
+        meta,
+    );
+    let line_nos: Vec<i32> = (1..=i32::try_from(lines.len()).unwrap_or(i32::MAX)).collect();
+    let pids: Vec<Uuid> = lines.iter().map(|l| l.product_id).collect();
+    let names: Vec<String> = lines.iter().map(|l| l.product_name.clone()).collect();
+    let unit: Vec<i64> = lines.iter().map(|l| l.unit_price_cents).collect();
+    let qtys: Vec<i32> = lines
+        .iter()
+        .map(|l| i32::try_from(l.quantity).unwrap_or(i32::MAX))
+        .collect();
+    let line_totals: Vec<i64> = lines.iter().map(|l| l.line_total_cents).collect();
+    with_event!(
+        "WITH o AS (
+            INSERT INTO orders (id, user_id, status, total_cents, version, created_at, updated_at)
+            VALUES ($3, $10, 'placed', $11, 1, $9, $9)
+            RETURNING id),
+         i AS (
+            INSERT INTO order_items (order_id, line_no, product_id, product_name, unit_price_cents, quantity, line_total_cents)
+            SELECT o.id, t.* FROM o,
+                unnest($12::int[], $13::uuid[], $14::text[], $15::bigint[], $16::int[], $17::bigint[]) AS t),
+         e AS (
+            INSERT INTO events (event_id, aggregate_type, aggregate_id, version, type, schema_version, data, metadata, occurred_at)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+            RETURNING position)
+         INSERT INTO outbox (position) SELECT position FROM e",
+        ev
+    )
+    .bind(user_id)
+    .bind(total)
+    .bind(&line_nos)
+    .bind(&pids)
+    .bind(&names)
+    .bind(&unit)
+    .bind(&qtys)
+    .bind(&line_totals)
+    .execute(&mut *conn)
+    .await?;
+    Ok(Outcome {
+        status: StatusCode::CREATED,
+        body: order_json(
+            id,
+            &user,
+            "placed",
+            &lines,
+            total,
+            1,
+            ev.occurred_at,
+            ev.occurred_at,
+            None,
+        ),
+        version: 1,
+    })
+}
+
+async fn cancel_order(
+    conn: &mut PgConnection,
+    id: Uuid,
+    expected: Option<i64>,
+    reason: Option<&str>,
+    meta: &Meta,
+) -> Exec<Outcome> {
+    let row = sqlx::query(
+        "SELECT o.status, o.version, o.total_cents, o.created_at, o.user_id, u.email, u.name
+         FROM orders o JOIN users u ON u.id = o.user_id WHERE o.id = $1 FOR UPDATE OF o",
+    )
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?
+    .ok_or(CommandError::NotFound {
+        entity: "order",
+        id,
+    })?;
+    let status: String = row.try_get("status")?;
+    let current: i64 = row.try_get("version")?;
+    check_version(expected, current)?;
+    if status == "cancelled" {
+        return Err(CommandError::Conflict(format!("order {id} is already cancelled")).into());
+    }
+    let user = OrderUser {
+        id: row.try_get("user_id")?,
+        email: row.try_get("email")?,
+        name: row.try_get("name")?,
+    };
+    let total: i64 = row.try_get("total_cents")?;
+    let created_at: DateTime<Utc> = row.try_get("created_at")?;
+    let items = sqlx::query(
+        "SELECT product_id, product_name, unit_price_cents, quantity, line_total_cents
+         FROM order_items WHERE order_id = $1 ORDER BY line_no",
+    )
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(|r| {
+        Ok(OrderItem {
+            product_id: r.try_get("product_id")?,
+            product_name: r.try_get("product_name")?,
+            unit_price_cents: r.try_get("unit_price_cents")?,
+            quantity: u32::try_from(r.try_get::<i32, _>("quantity")?).unwrap_or(0),
+            line_total_cents: r.try_get("line_total_cents")?,
+        })
+    })
+    .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    let version = current + 1;
+    let ev = EventRow::new(
+        id,
+        version,
+        EventPayload::OrderCancelled(OrderCancelled {
+            reason: reason.map(str::to_owned),
+        }),
+        meta,
+    );
+    with_event!(
+        "WITH o AS (
+            UPDATE orders SET status = 'cancelled', cancelled_at = $9, cancel_reason = $10, version = $4, updated_at = $9
+            WHERE id = $3),
+         e AS (
+            INSERT INTO events (event_id, aggregate_type, aggregate_id, version, type, schema_version, data, metadata, occurred_at)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+            RETURNING position)
+         INSERT INTO outbox (position) SELECT position FROM e",
+        ev
+    )
+    .bind(reason)
+    .execute(&mut *conn)
+    .await?;
+    Ok(Outcome {
+        status: StatusCode::OK,
+        body: order_json(
+            id,
+            &user,
+            "cancelled",
+            &items,
+            total,
+            version,
+            created_at,
+            ev.occurred_at,
+            Some((ev.occurred_at, reason)),
+        ),
+        version,
+    })
+}

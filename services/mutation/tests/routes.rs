@@ -1,0 +1,465 @@
+//! Every route's success and failure paths against a real PostgreSQL (and Kafka for /readyz and events).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::{
+    io::Write,
+    sync::{Arc, Mutex, OnceLock},
+    time::Duration,
+};
+
+use common::{env_config, spawn};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+/// Every log line of this test binary, captured (debug level, sqlx included) so a test can assert that no
+/// secret was logged.
+fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let writer_buf = buf.clone();
+        let make_writer = move || BufWriter(writer_buf.clone());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("debug,hyper=info,h2=info,reqwest=info"))
+            .with_writer(make_writer)
+            .with_ansi(false)
+            .try_init();
+        buf
+    })
+    .clone()
+}
+
+struct BufWriter(Arc<Mutex<Vec<u8>>>);
+
+impl Write for BufWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn etag(r: &reqwest::Response) -> String {
+    r.headers().get("etag").unwrap().to_str().unwrap().to_owned()
+}
+
+async fn problem(r: reqwest::Response, status: StatusCode) -> Value {
+    assert_eq!(r.status(), status);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    r.json().await.unwrap()
+}
+
+fn fields(p: &Value) -> Vec<String> {
+    p["errors"].as_array().map(|a| a.iter().map(|e| e["field"].as_str().unwrap().to_owned()).collect()).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn user_lifecycle_and_failures() {
+    captured_logs();
+    let (_env, c) = env_config("user-lifecycle").await;
+    let app = spawn(c).await;
+
+    let r = app.post("/user", json!({"email": "Ann@Example.com", "password": "correct horse", "name": "Ann"})).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(etag(&r), "\"1\"");
+    let u: Value = r.json().await.unwrap();
+    let id = u["id"].as_str().unwrap().to_owned();
+    assert_eq!(u["version"], 1);
+    assert_eq!(u["email"], "Ann@Example.com");
+    assert_eq!(u["name"], "Ann");
+    assert!(u.get("password").is_none() && u.get("passwordHash").is_none());
+
+    // Duplicate email, case-insensitively.
+    let r = app.post("/user", json!({"email": "ann@example.COM", "password": "another one"})).await;
+    let p = problem(r, StatusCode::CONFLICT).await;
+    assert_eq!(p["type"], "urn:cqrs:problem:duplicate-email");
+
+    // PATCH with the right If-Match.
+    let r = app
+        .client
+        .patch(app.url(&format!("/user/{id}")))
+        .header("if-match", "\"1\"")
+        .json(&json!({"name": "Ann B."}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(etag(&r), "\"2\"");
+    let u: Value = r.json().await.unwrap();
+    assert_eq!((u["name"].as_str(), u["version"].as_i64(), u["email"].as_str()), (Some("Ann B."), Some(2), Some("Ann@Example.com")));
+
+    // Stale If-Match.
+    let r = app.client.patch(app.url(&format!("/user/{id}"))).header("if-match", "\"1\"").json(&json!({"name": "x"})).send().await.unwrap();
+    problem(r, StatusCode::PRECONDITION_FAILED).await;
+    // Malformed If-Match.
+    let r = app.client.patch(app.url(&format!("/user/{id}"))).header("if-match", "abc").json(&json!({"name": "x"})).send().await.unwrap();
+    problem(r, StatusCode::BAD_REQUEST).await;
+    // Without If-Match: last writer wins.
+    let r = app.client.patch(app.url(&format!("/user/{id}"))).json(&json!({"email": "ann2@example.com"})).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // Invalid values.
+    let r = app.client.patch(app.url(&format!("/user/{id}"))).json(&json!({"email": "nope", "name": 5})).send().await.unwrap();
+    let p = problem(r, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert_eq!(fields(&p), vec!["email", "name"]);
+    let r = app.client.patch(app.url(&format!("/user/{id}"))).json(&json!({})).send().await.unwrap();
+    problem(r, StatusCode::UNPROCESSABLE_ENTITY).await;
+    // Email taken by another user → 409.
+    let r = app.post("/user", json!({"email": "bob@example.com", "password": "bobs password"})).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let r = app.client.patch(app.url(&format!("/user/{id}"))).json(&json!({"email": "BOB@example.com"})).send().await.unwrap();
+    problem(r, StatusCode::CONFLICT).await;
+    // Missing and non-UUID ids.
+    let missing = uuid::Uuid::new_v4();
+    let r = app.client.patch(app.url(&format!("/user/{missing}"))).json(&json!({"name": "x"})).send().await.unwrap();
+    problem(r, StatusCode::NOT_FOUND).await;
+    let r = app.client.patch(app.url("/user/not-a-uuid")).json(&json!({"name": "x"})).send().await.unwrap();
+    problem(r, StatusCode::NOT_FOUND).await;
+
+    // DELETE with a stale If-Match, then the right one.
+    let r = app.client.delete(app.url(&format!("/user/{id}"))).header("if-match", "\"1\"").send().await.unwrap();
+    problem(r, StatusCode::PRECONDITION_FAILED).await;
+    let r = app.client.delete(app.url(&format!("/user/{id}"))).header("if-match", "\"3\"").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(etag(&r), "\"4\"");
+    let u: Value = r.json().await.unwrap();
+    assert!(u["deletedAt"].is_string());
+    // Gone: PATCH and DELETE are 404.
+    let r = app.client.delete(app.url(&format!("/user/{id}"))).send().await.unwrap();
+    problem(r, StatusCode::NOT_FOUND).await;
+    let r = app.client.patch(app.url(&format!("/user/{id}"))).json(&json!({"name": "x"})).send().await.unwrap();
+    problem(r, StatusCode::NOT_FOUND).await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn malformed_requests_get_problem_json() {
+    captured_logs();
+    let (_env, mut c) = env_config("malformed").await;
+    c.max_body_bytes = 4096;
+    let app = spawn(c).await;
+    let cases: Vec<(reqwest::RequestBuilder, StatusCode)> = vec![
+        (app.client.post(app.url("/user")).header("content-type", "application/json").body("{\"email\": "), StatusCode::BAD_REQUEST),
+        (app.client.post(app.url("/user")).header("content-type", "application/json").body(""), StatusCode::BAD_REQUEST),
+        (app.client.post(app.url("/user")).header("content-type", "text/plain").body("{}"), StatusCode::UNSUPPORTED_MEDIA_TYPE),
+        (app.client.post(app.url("/user")).body("{}"), StatusCode::UNSUPPORTED_MEDIA_TYPE),
+        (app.client.post(app.url("/product")).json(&json!([1, 2])), StatusCode::UNPROCESSABLE_ENTITY),
+        (app.client.post(app.url("/product")).json(&json!({"name": "x".repeat(10_000), "price": 1})), StatusCode::PAYLOAD_TOO_LARGE),
+        (app.client.post(app.url("/order")).header("content-type", "application/json").body("nul"), StatusCode::BAD_REQUEST),
+        (app.client.put(app.url("/user")).json(&json!({})), StatusCode::METHOD_NOT_ALLOWED),
+        (app.client.post(app.url("/nope")).json(&json!({})), StatusCode::NOT_FOUND),
+    ];
+    for (req, status) in cases {
+        let r = req.send().await.unwrap();
+        let p = problem(r, status).await;
+        assert_eq!(p["status"], status.as_u16());
+    }
+    // Field errors for every invalid field at once.
+    let r = app.post("/user", json!({"email": 3, "password": "short", "name": ""})).await;
+    let p = problem(r, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert_eq!(fields(&p), vec!["email", "password", "name"]);
+    let r = app.post("/user", json!({})).await;
+    let p = problem(r, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert_eq!(fields(&p), vec!["email", "password"]);
+    // Health endpoints.
+    let r = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await.unwrap());
+    let r = app.client.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn products_convert_prices_exactly() {
+    captured_logs();
+    let (_env, c) = env_config("products").await;
+    let app = spawn(c).await;
+    for (price, cents) in [(json!(19.99), 1999), (json!("19.99"), 1999), (json!(0.29), 29), (json!(7), 700), (json!("1234567.8"), 123_456_780)] {
+        let r = app.post("/product", json!({"name": "Widget", "price": price, "description": "d"})).await;
+        assert_eq!(r.status(), StatusCode::CREATED, "{price}");
+        assert_eq!(etag(&r), "\"1\"");
+        let p: Value = r.json().await.unwrap();
+        assert_eq!(p["priceCents"], cents, "{price}");
+        assert_eq!(p["version"], 1);
+    }
+    // A number with more digits than f64 holds must not be rounded into validity.
+    let r = app
+        .client
+        .post(app.url("/product"))
+        .header("content-type", "application/json")
+        .body(r#"{"name":"w","price":19.999999999999999999}"#)
+        .send()
+        .await
+        .unwrap();
+    let p = problem(r, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert_eq!(fields(&p), vec!["price"]);
+    for raw in [r#"{"name":"w","price":1e3}"#, r#"{"name":"w","price":-0.0}"#, r#"{"name":"w","price":"1.2.3"}"#] {
+        let r = app.client.post(app.url("/product")).header("content-type", "application/json").body(raw).send().await.unwrap();
+        assert_eq!(fields(&problem(r, StatusCode::UNPROCESSABLE_ENTITY).await), vec!["price"], "{raw}");
+    }
+    for bad in [json!(19.999), json!(-1), json!("-0.01"), json!("abc"), json!(true), json!(1_000_000_000_000u64), json!(null)] {
+        let r = app.post("/product", json!({"name": "W", "price": bad})).await;
+        let p = problem(r, StatusCode::UNPROCESSABLE_ENTITY).await;
+        assert_eq!(fields(&p), vec!["price"], "{bad}");
+    }
+    let r = app.post("/product", json!({"price": 1})).await;
+    assert_eq!(fields(&problem(r, StatusCode::UNPROCESSABLE_ENTITY).await), vec!["name"]);
+
+    let r = app.post("/product", json!({"name": "Lamp", "price": "10.00"})).await;
+    let p: Value = r.json().await.unwrap();
+    let id = p["id"].as_str().unwrap().to_owned();
+    let r = app.client.patch(app.url(&format!("/product/{id}"))).header("if-match", "\"1\"").json(&json!({"price": 12.5, "description": null})).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(etag(&r), "\"2\"");
+    let p: Value = r.json().await.unwrap();
+    assert_eq!((p["priceCents"].as_i64(), p["name"].as_str(), p["price"].as_str()), (Some(1250), Some("Lamp"), Some("12.50")));
+    let r = app.client.patch(app.url(&format!("/product/{id}"))).header("if-match", "\"1\"").json(&json!({"price": 1})).send().await.unwrap();
+    problem(r, StatusCode::PRECONDITION_FAILED).await;
+    let r = app.client.patch(app.url(&format!("/product/{id}"))).json(&json!({"price": "1.234"})).send().await.unwrap();
+    problem(r, StatusCode::UNPROCESSABLE_ENTITY).await;
+    let r = app.client.patch(app.url(&format!("/product/{}", uuid::Uuid::new_v4()))).json(&json!({"price": 1})).send().await.unwrap();
+    problem(r, StatusCode::NOT_FOUND).await;
+    let r = app.client.delete(app.url(&format!("/product/{id}"))).header("if-match", "\"2\"").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(etag(&r), "\"3\"");
+    let r = app.client.delete(app.url(&format!("/product/{id}"))).send().await.unwrap();
+    problem(r, StatusCode::NOT_FOUND).await;
+    app.shutdown().await;
+}
+
+async fn create(app: &common::Running, path: &str, body: Value) -> String {
+    let r = app.post(path, body).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn orders_are_priced_on_the_server() {
+    captured_logs();
+    let (_env, mut c) = env_config("orders").await;
+    c.max_order_items = 3;
+    let app = spawn(c).await;
+    let user = create(&app, "/user", json!({"email": "o@example.com", "password": "password1", "name": "O"})).await;
+    let p1 = create(&app, "/product", json!({"name": "A", "price": "2.50"})).await;
+    let p2 = create(&app, "/product", json!({"name": "B", "price": 0.1})).await;
+
+    let r = app
+        .post("/order", json!({"userId": user, "items": [{"productId": p1, "quantity": 3, "price": 0}, {"productId": p2, "quantity": 7}], "price": 1}))
+        .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(etag(&r), "\"1\"");
+    let o: Value = r.json().await.unwrap();
+    assert_eq!(o["totalCents"], 750 + 70);
+    assert_eq!(o["items"][0]["unitPriceCents"], 250);
+    assert_eq!(o["items"][0]["lineTotalCents"], 750);
+    assert_eq!(o["items"][1]["productName"], "B");
+    assert_eq!(o["user"]["email"], "o@example.com");
+    assert_eq!(o["status"], "placed");
+    let order = o["id"].as_str().unwrap().to_owned();
+
+    let unknown = uuid::Uuid::new_v4().to_string();
+    let cases = [
+        (json!({"userId": unknown, "items": [{"productId": p1, "quantity": 1}]}), vec!["userId"]),
+        (json!({"userId": user, "items": [{"productId": p1, "quantity": 1}, {"productId": unknown, "quantity": 1}]}), vec!["items[1].productId"]),
+        (json!({"userId": user, "items": [{"productId": p1, "quantity": 0}]}), vec!["items[0].quantity"]),
+        (json!({"userId": user, "items": [{"productId": p1, "quantity": 1.5}]}), vec!["items[0].quantity"]),
+        (json!({"userId": user, "items": []}), vec!["items"]),
+        (json!({"userId": user, "items": [{"productId": p1, "quantity": 1}, {"productId": p1, "quantity": 1}, {"productId": p1, "quantity": 1}, {"productId": p1, "quantity": 1}]}), vec!["items"]),
+        (json!({"userId": "x", "items": [{"productId": "y", "quantity": 1}]}), vec!["userId", "items[0].productId"]),
+        (json!({}), vec!["userId", "items"]),
+    ];
+    for (body, want) in cases {
+        let r = app.post("/order", body.clone()).await;
+        let p = problem(r, StatusCode::UNPROCESSABLE_ENTITY).await;
+        assert_eq!(fields(&p), want, "{body}");
+    }
+    // A deleted product or user cannot be ordered.
+    let r = app.client.delete(app.url(&format!("/product/{p2}"))).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = app.post("/order", json!({"userId": user, "items": [{"productId": p2, "quantity": 1}]})).await;
+    assert_eq!(fields(&problem(r, StatusCode::UNPROCESSABLE_ENTITY).await), vec!["items[0].productId"]);
+
+    // Cancel: stale If-Match, then success, then already cancelled.
+    let r = app.client.post(app.url(&format!("/order/{order}/cancel"))).header("if-match", "\"7\"").send().await.unwrap();
+    problem(r, StatusCode::PRECONDITION_FAILED).await;
+    let r = app.client.post(app.url(&format!("/order/{order}/cancel"))).header("if-match", "\"1\"").json(&json!({"reason": "changed my mind"})).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(etag(&r), "\"2\"");
+    let o: Value = r.json().await.unwrap();
+    assert_eq!((o["status"].as_str(), o["cancelReason"].as_str(), o["totalCents"].as_i64()), (Some("cancelled"), Some("changed my mind"), Some(820)));
+    let r = app.client.post(app.url(&format!("/order/{order}/cancel"))).send().await.unwrap();
+    problem(r, StatusCode::CONFLICT).await;
+    let r = app.client.post(app.url(&format!("/order/{unknown}/cancel"))).send().await.unwrap();
+    problem(r, StatusCode::NOT_FOUND).await;
+    let r = app.client.post(app.url(&format!("/order/{order}/cancel"))).header("content-type", "application/json").body("{").send().await.unwrap();
+    problem(r, StatusCode::BAD_REQUEST).await;
+
+    let r = app.client.delete(app.url(&format!("/user/{user}"))).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = app.post("/order", json!({"userId": user, "items": [{"productId": p1, "quantity": 1}]})).await;
+    assert_eq!(fields(&problem(r, StatusCode::UNPROCESSABLE_ENTITY).await), vec!["userId"]);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn concurrent_patches_with_the_same_if_match_one_wins() {
+    captured_logs();
+    let (_env, c) = env_config("concurrent-patch").await;
+    let app = spawn(c).await;
+    let id = create(&app, "/product", json!({"name": "Race", "price": 1})).await;
+    for round in 1..=3i64 {
+        let futs = (0..24).map(|i| {
+            app.client
+                .patch(app.url(&format!("/product/{id}")))
+                .header("if-match", format!("\"{round}\""))
+                .json(&json!({"name": format!("writer {i}")}))
+                .send()
+        });
+        let results = futures::future::join_all(futs).await;
+        let statuses: Vec<StatusCode> = results.into_iter().map(|r| r.unwrap().status()).collect();
+        let ok = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+        let stale = statuses.iter().filter(|s| **s == StatusCode::PRECONDITION_FAILED).count();
+        assert_eq!((ok, stale), (1, 23), "round {round}: {statuses:?}");
+    }
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn group_commit_fails_only_the_bad_command() {
+    captured_logs();
+    let (env, c) = env_config("group-commit").await;
+    let app = spawn(c).await;
+    // 200 concurrent creates; 40 of them reuse 20 emails: exactly 180 succeed, 20 are 409.
+    let futs = (0..200).map(|i| {
+        let email = if i < 40 { format!("dup{}@example.com", i % 20) } else { format!("u{i}@example.com") };
+        app.post("/user", json!({"email": email, "password": "password123"}))
+    });
+    let statuses: Vec<StatusCode> = futures::future::join_all(futs).await.into_iter().map(|r| r.status()).collect();
+    assert_eq!(statuses.iter().filter(|s| **s == StatusCode::CREATED).count(), 180, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == StatusCode::CONFLICT).count(), 20);
+    // Batches really formed: fewer transactions than commands.
+    let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let line = metrics.lines().find(|l| l.starts_with("cqrs_mutation_group_commit_batch_size_count")).unwrap();
+    let batches: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(batches < 200.0, "{batches} transactions for 200 commands");
+    // State, events and outbox agree: one event (and outbox row until relayed) per created user.
+    let pool = sqlx::PgPool::connect(&env.pg_url).await.unwrap();
+    let users: i64 = sqlx::query_scalar("select count(*) from users").fetch_one(&pool).await.unwrap();
+    let events: i64 = sqlx::query_scalar("select count(*) from events where type = 'USER-CREATED'").fetch_one(&pool).await.unwrap();
+    assert_eq!((users, events), (180, 180));
+    app.wait_drained(Duration::from_secs(30)).await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn idempotency_key_replays_the_first_response() {
+    captured_logs();
+    let (_env, c) = env_config("idempotency").await;
+    let app = spawn(c).await;
+    let body = json!({"email": "idem@example.com", "password": "password123", "name": "I"});
+    let send = |body: Value, key: &str| {
+        app.client.post(app.url("/user")).header("idempotency-key", key).json(&body).send()
+    };
+    let r1 = send(body.clone(), "k-1").await.unwrap();
+    assert_eq!(r1.status(), StatusCode::CREATED);
+    let b1: Value = r1.json().await.unwrap();
+    let r2 = send(body.clone(), "k-1").await.unwrap();
+    assert_eq!(r2.status(), StatusCode::CREATED);
+    assert_eq!(r2.headers()["idempotent-replayed"], "true");
+    assert_eq!(etag(&r2), "\"1\"");
+    let b2: Value = r2.json().await.unwrap();
+    assert_eq!(b1, b2);
+    // Same key, other body → 422; other password only → 422 too.
+    let r = send(json!({"email": "other@example.com", "password": "password123"}), "k-1").await.unwrap();
+    assert_eq!(problem(r, StatusCode::UNPROCESSABLE_ENTITY).await["type"], "urn:cqrs:problem:idempotency-key-reused");
+    let r = send(json!({"email": "idem@example.com", "password": "different-pw", "name": "I"}), "k-1").await.unwrap();
+    problem(r, StatusCode::UNPROCESSABLE_ENTITY).await;
+    // Key order does not matter.
+    let r = app.client.post(app.url("/user")).header("idempotency-key", "k-1").header("content-type", "application/json")
+        .body(r#"{"name":"I","password":"password123","email":"idem@example.com"}"#).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+
+    // Concurrent first requests with one key: one command runs, all get the same answer.
+    let pbody = json!({"name": "Once", "price": "3.00"});
+    let futs = (0..16).map(|_| app.client.post(app.url("/product")).header("idempotency-key", "k-2").json(&pbody).send());
+    let mut ids = std::collections::HashSet::new();
+    for r in futures::future::join_all(futs).await {
+        let r = r.unwrap();
+        let status = r.status();
+        let b: Value = r.json().await.unwrap();
+        if status == StatusCode::CREATED {
+            ids.insert(b["id"].as_str().unwrap().to_owned());
+        } else {
+            // A request that found the key still in flight is told to retry.
+            assert_eq!(status, StatusCode::CONFLICT, "{b}");
+        }
+    }
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    // A refused command is not remembered: fixing the body with the same key works.
+    let r = app.client.post(app.url("/product")).header("idempotency-key", "k-3").json(&json!({"name": "x", "price": "1.001"})).send().await.unwrap();
+    problem(r, StatusCode::UNPROCESSABLE_ENTITY).await;
+    let r = app.client.post(app.url("/product")).header("idempotency-key", "k-3").json(&json!({"name": "x", "price": "1.00"})).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let r = app.client.post(app.url("/product")).header("idempotency-key", "").json(&json!({"name": "x", "price": "1.00"})).send().await.unwrap();
+    problem(r, StatusCode::BAD_REQUEST).await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn no_password_or_hash_in_events_responses_or_logs() {
+    let logs = captured_logs();
+    let (env, mut c) = env_config("no-secrets").await;
+    // Production hashing parameters here: check them in the stored hash.
+    c.argon2_memory_kib = 19_456;
+    c.argon2_iterations = 2;
+    let app = spawn(c).await;
+    let secret = "Tr0ub4dor&3-secret-pw";
+    let secret2 = "n3w-Secret-Passw0rd!";
+    let r = app.client.post(app.url("/user")).header("idempotency-key", "s-1")
+        .json(&json!({"email": "secret@example.com", "password": secret, "name": "S"})).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let mut responses = r.text().await.unwrap();
+    let id = serde_json::from_str::<Value>(&responses).unwrap()["id"].as_str().unwrap().to_owned();
+    let r = app.client.post(app.url("/user")).header("idempotency-key", "s-1")
+        .json(&json!({"email": "secret@example.com", "password": secret, "name": "S"})).send().await.unwrap();
+    responses.push_str(&r.text().await.unwrap());
+    let r = app.client.patch(app.url(&format!("/user/{id}"))).json(&json!({"password": secret2})).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    responses.push_str(&r.text().await.unwrap());
+    let r = app.post("/user", json!({"email": "secret@example.com", "password": secret})).await;
+    responses.push_str(&r.text().await.unwrap());
+    let r = app.post("/user", json!({"email": "bad", "password": secret})).await;
+    responses.push_str(&r.text().await.unwrap());
+
+    let pool = sqlx::PgPool::connect(&env.pg_url).await.unwrap();
+    let hash: String = sqlx::query_scalar("select password_hash from users where id = $1::uuid").bind(&id).fetch_one(&pool).await.unwrap();
+    assert!(hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{hash}");
+    let salt_and_hash = hash.rsplit('$').take(2).collect::<Vec<_>>();
+
+    app.wait_drained(Duration::from_secs(30)).await;
+    let events = tokio::task::spawn_blocking({
+        let (b, p) = (env.kafka_bootstrap.clone(), env.topic_prefix.clone());
+        move || common::consume_until(&b, &p, Duration::from_secs(30), |e| e.len() >= 2)
+    })
+    .await
+    .unwrap();
+    assert_eq!(events.len(), 2);
+    let stored: Vec<String> = sqlx::query_scalar("select data::text || metadata::text from events").fetch_all(&pool).await.unwrap();
+    let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("mutation") || !logs.is_empty(), "log capture works");
+    for (what, text) in [
+        ("responses", responses),
+        ("kafka events", events.iter().map(|e| e.raw.clone()).collect::<Vec<_>>().join("\n")),
+        ("stored events", stored.join("\n")),
+        ("logs", logs),
+    ] {
+        for needle in [secret, secret2, "$argon2", salt_and_hash[0], salt_and_hash[1]] {
+            assert!(!text.contains(needle), "{what} contain a secret ({needle})");
+        }
+        assert!(!text.to_lowercase().contains("password_hash") || what == "logs", "{what} mention password_hash");
+    }
+    app.shutdown().await;
+}
