@@ -104,7 +104,7 @@ impl Mongo {
             "--storage-path",
             &storage,
         ])
-        .args(["--log-level", "WARNING", "--config", "/dev/null"])
+        .args(["--log-level", "WARNING"])
         .current_dir(&self.cfg.dir);
         let child = proc::spawn_detached(c, &self.log_path())?;
         self.pid = Some(child.id());

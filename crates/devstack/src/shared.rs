@@ -234,7 +234,35 @@ pub async fn ensure_stack(spec: &ProfileSpec) -> Result<Ensured> {
         }
     };
     let (pg, kafka, mongo) = tokio::join!(pg_fut, kafka_fut, mongo_fut);
-    let (pg, kafka, mongo) = (pg?, kafka?, mongo?);
+    let (pg, kafka, mongo) = match (pg, kafka, mongo) {
+        (Ok(p), Ok(k), Ok(m)) => (p, k, m),
+        (p, k, m) => {
+            // Leave nothing half-started behind: stop what this call started, then report the first failure.
+            let mut first_err = None;
+            match p {
+                Ok(Some(mut p)) => {
+                    let _ = p.stop().await;
+                }
+                Err(e) => first_err = first_err.or(Some(e)),
+                Ok(None) => {}
+            }
+            match k {
+                Ok(Some(mut k)) => {
+                    let _ = k.stop().await;
+                }
+                Err(e) => first_err = first_err.or(Some(e)),
+                Ok(None) => {}
+            }
+            match m {
+                Ok(Some(mut m)) => {
+                    let _ = m.stop().await;
+                }
+                Err(e) => first_err = first_err.or(Some(e)),
+                Ok(None) => {}
+            }
+            return Err(first_err.unwrap_or_else(|| DevstackError::Command("startup failed".into())));
+        }
+    };
 
     let kafka_pid = match &kafka {
         Some(k) => {

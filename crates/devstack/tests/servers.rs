@@ -208,24 +208,40 @@ async fn mongo_unique_index_rejects_a_duplicate_and_bulk_upserts_apply() {
 
     // A batched upsert through the classic `update` command (what real MongoDB and every stand-in support):
     // 100 new documents and one existing one updated, in one round trip.
-    let mut updates: Vec<Document> = (0..100)
-        .map(|i| doc! {"q": {"_id": format!("p{i}")}, "u": {"$set": {"n": i}}, "upsert": true})
-        .collect();
-    updates.push(doc! {"q": {"_id": "u1"}, "u": {"$set": {"name": "Ann"}}, "upsert": true});
-    let reply = db
-        .run_command(doc! {"update": "users", "updates": updates, "ordered": false})
+    let products = db.collection::<Document>("products");
+    products
+        .insert_one(doc! {"_id": "p0", "n": -1})
         .await
         .unwrap();
-    assert_eq!(reply.get_array("upserted").unwrap().len(), 100, "{reply:?}");
-    assert_eq!(users.count_documents(doc! {}).await.unwrap(), 101);
-    let u1 = users.find_one(doc! {"_id": "u1"}).await.unwrap().unwrap();
-    assert_eq!(u1.get_str("name").unwrap(), "Ann");
-    // The same batch again changes nothing new: upserts are idempotent.
-    let again: Vec<Document> = (0..100)
-        .map(|i| doc! {"q": {"_id": format!("p{i}")}, "u": {"$set": {"n": i}}, "upsert": true})
-        .collect();
+    let batch = || -> Vec<Document> {
+        (0..101)
+            .map(|i| doc! {"q": {"_id": format!("p{i}")}, "u": {"$set": {"n": i}}, "upsert": true})
+            .collect()
+    };
     let reply = db
-        .run_command(doc! {"update": "users", "updates": again})
+        .run_command(doc! {"update": "products", "updates": batch(), "ordered": false})
+        .await
+        .unwrap();
+    assert!(
+        reply.get_array("writeErrors").is_err(),
+        "write errors: {:?}",
+        reply.get_array("writeErrors")
+    );
+    assert_eq!(reply.get_array("upserted").unwrap().len(), 100);
+    assert_eq!(products.count_documents(doc! {}).await.unwrap(), 101);
+    let p0 = products
+        .find_one(doc! {"_id": "p0"})
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        p0.get_i32("n").unwrap(),
+        0,
+        "the existing document was updated"
+    );
+    // The same batch again inserts nothing: upserts are idempotent.
+    let reply = db
+        .run_command(doc! {"update": "products", "updates": batch()})
         .await
         .unwrap();
     assert!(
@@ -234,5 +250,5 @@ async fn mongo_unique_index_rejects_a_duplicate_and_bulk_upserts_apply() {
             .map(|a| a.is_empty())
             .unwrap_or(true)
     );
-    assert_eq!(users.count_documents(doc! {}).await.unwrap(), 101);
+    assert_eq!(products.count_documents(doc! {}).await.unwrap(), 101);
 }
