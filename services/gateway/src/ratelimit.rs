@@ -6,7 +6,7 @@
 
 use std::{
     collections::HashMap,
-    hash::{BuildHasher, Hash, Hasher, RandomState},
+    hash::{BuildHasher, RandomState},
     sync::Mutex,
     time::{Duration, Instant},
 };
@@ -40,9 +40,7 @@ impl RateLimiter {
 
     /// Takes a token for `key`, or says how long until one is available.
     pub fn check(&self, key: &str, now: Instant) -> Result<(), Duration> {
-        let mut h = self.hasher.build_hasher();
-        key.hash(&mut h);
-        let shard = &self.shards[(h.finish() as usize) % SHARDS];
+        let shard = &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS];
         // A poisoned lock only means another request panicked mid-update of a counter: keep going.
         let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() >= MAX_KEYS_PER_SHARD && !map.contains_key(key) {

@@ -68,7 +68,10 @@ impl Observed {
     }
     pub async fn wait_parked(&self, n: usize) {
         let mut rx = self.parked.subscribe();
-        tokio::time::timeout(PATIENCE, rx.wait_for(|p| *p >= n)).await.expect("requests parked").expect("open");
+        tokio::time::timeout(PATIENCE, rx.wait_for(|p| *p >= n))
+            .await
+            .expect("requests parked")
+            .expect("open");
     }
     pub fn open_gate(&self) {
         self.release.send_replace(true);
@@ -85,7 +88,11 @@ pub struct TestUpstream {
 
 impl TestUpstream {
     pub fn start(name: &'static str) -> Self {
-        Self::start_on(name, SocketAddr::from(([127, 0, 0, 1], 0)), Observed::new(name))
+        Self::start_on(
+            name,
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            Observed::new(name),
+        )
     }
 
     fn start_on(name: &'static str, addr: SocketAddr, seen: Arc<Observed>) -> Self {
@@ -95,7 +102,10 @@ impl TestUpstream {
         let (kill, killed) = tokio::sync::oneshot::channel::<()>();
         let app = upstream_router(seen.clone());
         let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
                 let server = axum::serve(listener, app);
@@ -107,7 +117,12 @@ impl TestUpstream {
             // Dropping the runtime drops every connection task: sockets close as if the process died.
             drop(rt);
         });
-        Self { addr, seen, kill: Some(kill), thread: Some(thread) }
+        Self {
+            addr,
+            seen,
+            kill: Some(kill),
+            thread: Some(thread),
+        }
     }
 
     pub fn url(&self) -> String {
@@ -164,7 +179,11 @@ fn hit(seen: &Observed) {
 }
 
 async fn readyz(State(seen): State<Arc<Observed>>) -> StatusCode {
-    if seen.ready.load(Ordering::SeqCst) { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }
+    if seen.ready.load(Ordering::SeqCst) {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
 }
 
 /// Parks until the gate opens.
@@ -195,7 +214,10 @@ async fn upload(State(seen): State<Arc<Observed>>, body: Body) -> Json<Value> {
 
 /// Streams `bytes` bytes in 64 KiB chunks; after the first MiB it waits for the gate, so a client can only
 /// see data before the gate opens if nobody in between buffers the whole body.
-async fn big(State(seen): State<Arc<Observed>>, Query(q): Query<BTreeMap<String, u64>>) -> Response {
+async fn big(
+    State(seen): State<Arc<Observed>>,
+    Query(q): Query<BTreeMap<String, u64>>,
+) -> Response {
     hit(&seen);
     let total = q.get("bytes").copied().unwrap_or(1024 * 1024);
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
@@ -216,7 +238,11 @@ async fn big(State(seen): State<Arc<Observed>>, Query(q): Query<BTreeMap<String,
         }
     });
     let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-    ([("content-length", total.to_string())], Body::from_stream(stream)).into_response()
+    (
+        [("content-length", total.to_string())],
+        Body::from_stream(stream),
+    )
+        .into_response()
 }
 
 /// Sends a head and one chunk, then never finishes.
@@ -234,7 +260,12 @@ async fn hang_body(State(seen): State<Arc<Observed>>) -> Response {
 async fn hop(State(seen): State<Arc<Observed>>) -> Response {
     hit(&seen);
     (
-        [("connection", "x-up-hop"), ("x-up-hop", "1"), ("keep-alive", "timeout=5"), ("x-up-ok", "1")],
+        [
+            ("connection", "x-up-hop"),
+            ("x-up-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("x-up-ok", "1"),
+        ],
         "hop",
     )
         .into_response()
@@ -246,23 +277,45 @@ async fn sse(State(seen): State<Arc<Observed>>) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     let mut gate = seen.release.subscribe();
     tokio::spawn(async move {
-        let _ = tx.send(Ok(Bytes::from_static(b"event: change\ndata: {\"n\":1}\n\n"))).await;
+        let _ = tx
+            .send(Ok(Bytes::from_static(
+                b"event: change\ndata: {\"n\":1}\n\n",
+            )))
+            .await;
         let _ = gate.wait_for(|open| *open).await;
-        let _ = tx.send(Ok(Bytes::from_static(b"event: change\ndata: {\"n\":2}\n\n"))).await;
+        let _ = tx
+            .send(Ok(Bytes::from_static(
+                b"event: change\ndata: {\"n\":2}\n\n",
+            )))
+            .await;
     });
     (
-        [("content-type", "text/event-stream"), ("cache-control", "no-cache")],
+        [
+            ("content-type", "text/event-stream"),
+            ("cache-control", "no-cache"),
+        ],
         Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)),
     )
         .into_response()
 }
 
 /// Describes the request it got.
-async fn echo(State(seen): State<Arc<Observed>>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+async fn echo(
+    State(seen): State<Arc<Observed>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     hit(&seen);
     let headers: BTreeMap<String, String> = headers
         .iter()
-        .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
         .collect();
     Json(json!({
         "upstream": seen.name,
@@ -312,7 +365,11 @@ pub fn metric(registry: &prometheus::Registry, name: &str, labels: &[(&str, &str
             continue;
         }
         for m in family.get_metric() {
-            let matches = labels.iter().all(|(k, v)| m.get_label().iter().any(|l| l.name() == *k && l.value() == *v));
+            let matches = labels.iter().all(|(k, v)| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == *k && l.value() == *v)
+            });
             if matches {
                 total += match family.get_field_type() {
                     prometheus::proto::MetricType::COUNTER => m.get_counter().get_value(),
@@ -354,7 +411,12 @@ pub async fn spawn_gateway(config: Config) -> TestGateway {
     let handle = tokio::spawn(app.run_until_stopped(async move {
         let _ = stopped.await;
     }));
-    TestGateway { addr, registry, stop: Some(stop), handle: Some(handle) }
+    TestGateway {
+        addr,
+        registry,
+        stop: Some(stop),
+        handle: Some(handle),
+    }
 }
 
 pub fn now() -> u64 {
@@ -384,7 +446,10 @@ pub fn bearer(roles: &[&str]) -> String {
 }
 
 pub fn http() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().build().expect("client")
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client")
 }
 
 pub async fn json_body(res: reqwest::Response) -> Value {
@@ -397,7 +462,9 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
     let mut s = TcpStream::connect(addr).await.expect("connect");
     s.write_all(request).await.expect("write");
     let mut out = Vec::new();
-    let _ = tokio::time::timeout(PATIENCE, s.read_to_end(&mut out)).await.expect("gateway closes the connection");
+    let _ = tokio::time::timeout(PATIENCE, s.read_to_end(&mut out))
+        .await
+        .expect("gateway closes the connection");
     out
 }
 

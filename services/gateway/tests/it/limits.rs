@@ -7,7 +7,10 @@ use crate::common::*;
 
 #[tokio::test]
 async fn oversized_bodies_get_413_declared_or_streamed() {
-    let (m, q) = (TestUpstream::start("mutation"), TestUpstream::start("query"));
+    let (m, q) = (
+        TestUpstream::start("mutation"),
+        TestUpstream::start("query"),
+    );
     let mut cfg = config(&m, &q);
     cfg.max_body_bytes = 64 * 1024;
     let gw = spawn_gateway(cfg).await;
@@ -18,16 +21,29 @@ async fn oversized_bodies_get_413_declared_or_streamed() {
         "POST /product HTTP/1.1\r\nhost: x\r\nauthorization: {auth}\r\ncontent-type: application/json\r\ncontent-length: 104857600\r\n\r\n"
     );
     let resp = raw_exchange(gw.addr, head.as_bytes()).await;
-    assert_eq!(raw_status(&resp), Some(413), "{}", String::from_utf8_lossy(&resp));
+    assert_eq!(
+        raw_status(&resp),
+        Some(413),
+        "{}",
+        String::from_utf8_lossy(&resp)
+    );
     assert!(String::from_utf8_lossy(&resp).contains("application/problem+json"));
     assert_eq!(m.seen.hits(), 0);
 
     // Exactly at the limit passes.
-    let ok = http().post(gw.url("/product")).header("authorization", &auth).body(vec![b'a'; 64 * 1024]).send().await.expect("post");
+    let ok = http()
+        .post(gw.url("/product"))
+        .header("authorization", &auth)
+        .body(vec![b'a'; 64 * 1024])
+        .send()
+        .await
+        .expect("post");
     assert_eq!(ok.status(), StatusCode::OK);
 
     // Chunked (no Content-Length) and over the limit: cut off while streaming.
-    let chunks = futures::stream::iter((0..32).map(|_| Ok::<_, std::io::Error>(Bytes::from(vec![b'b'; 8 * 1024]))));
+    let chunks = futures::stream::iter(
+        (0..32).map(|_| Ok::<_, std::io::Error>(Bytes::from(vec![b'b'; 8 * 1024]))),
+    );
     let res = http()
         .post(gw.url("/product"))
         .header("authorization", &auth)
@@ -42,31 +58,65 @@ async fn oversized_bodies_get_413_declared_or_streamed() {
 
 #[tokio::test]
 async fn per_client_rate_limit_answers_429_with_retry_after() {
-    let (m, q) = (TestUpstream::start("mutation"), TestUpstream::start("query"));
+    let (m, q) = (
+        TestUpstream::start("mutation"),
+        TestUpstream::start("query"),
+    );
     let mut cfg = config(&m, &q);
-    cfg.rate_limit = Some(cqrs_gateway::RateLimit { per_second: 0.5, burst: 3 });
+    cfg.rate_limit = Some(cqrs_gateway::RateLimit {
+        per_second: 0.5,
+        burst: 3,
+    });
     let gw = spawn_gateway(cfg).await;
     let c = http();
     let alice = bearer(&["reader"]);
     for _ in 0..3 {
-        assert_eq!(c.get(gw.url("/product/1")).header("authorization", &alice).send().await.expect("get").status(), StatusCode::OK);
+        assert_eq!(
+            c.get(gw.url("/product/1"))
+                .header("authorization", &alice)
+                .send()
+                .await
+                .expect("get")
+                .status(),
+            StatusCode::OK
+        );
     }
-    let res = c.get(gw.url("/product/1")).header("authorization", &alice).send().await.expect("get");
+    let res = c
+        .get(gw.url("/product/1"))
+        .header("authorization", &alice)
+        .send()
+        .await
+        .expect("get");
     assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
-    let retry: u64 = res.headers()["retry-after"].to_str().expect("ascii").parse().expect("seconds");
+    let retry: u64 = res.headers()["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
     assert!((1..=2).contains(&retry), "{retry}");
     assert_eq!(q.seen.hits(), 3);
     // Another subject has its own bucket.
     let mut bob = claims(&["reader"]);
     bob["sub"] = "bob".into();
     let bob = format!("Bearer {}", sign_hs256(&bob, SECRET));
-    assert_eq!(c.get(gw.url("/product/1")).header("authorization", &bob).send().await.expect("get").status(), StatusCode::OK);
+    assert_eq!(
+        c.get(gw.url("/product/1"))
+            .header("authorization", &bob)
+            .send()
+            .await
+            .expect("get")
+            .status(),
+        StatusCode::OK
+    );
     assert_eq!(gw.metric("cqrs_gateway_rate_limited_total", &[]), 1.0);
 }
 
 #[tokio::test]
 async fn requests_beyond_max_in_flight_are_shed_with_503() {
-    let (m, q) = (TestUpstream::start("mutation"), TestUpstream::start("query"));
+    let (m, q) = (
+        TestUpstream::start("mutation"),
+        TestUpstream::start("query"),
+    );
     let mut cfg = config(&m, &q);
     cfg.max_in_flight = 2;
     let gw = spawn_gateway(cfg).await;
@@ -76,29 +126,52 @@ async fn requests_beyond_max_in_flight_are_shed_with_503() {
         .map(|_| tokio::spawn(c.get(gw.url("/slow")).header("authorization", &auth).send()))
         .collect();
     q.seen.wait_parked(2).await;
-    let res = c.get(gw.url("/product/1")).header("authorization", &auth).send().await.expect("get");
+    let res = c
+        .get(gw.url("/product/1"))
+        .header("authorization", &auth)
+        .send()
+        .await
+        .expect("get");
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(res.headers()["retry-after"], "1");
     assert_eq!(json_body(res).await["type"], "urn:cqrs:problem:overloaded");
     q.seen.open_gate();
     for p in parked {
-        assert_eq!(p.await.expect("task").expect("get").status(), StatusCode::OK);
+        assert_eq!(
+            p.await.expect("task").expect("get").status(),
+            StatusCode::OK
+        );
     }
-    assert_eq!(c.get(gw.url("/product/1")).header("authorization", &auth).send().await.expect("get").status(), StatusCode::OK);
+    assert_eq!(
+        c.get(gw.url("/product/1"))
+            .header("authorization", &auth)
+            .send()
+            .await
+            .expect("get")
+            .status(),
+        StatusCode::OK
+    );
 }
 
 #[tokio::test]
 async fn slowloris_headers_are_cut_off_after_the_header_timeout() {
-    let (m, q) = (TestUpstream::start("mutation"), TestUpstream::start("query"));
+    let (m, q) = (
+        TestUpstream::start("mutation"),
+        TestUpstream::start("query"),
+    );
     let mut cfg = config(&m, &q);
     cfg.header_read_timeout = Duration::from_millis(300);
     let gw = spawn_gateway(cfg).await;
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let started = Instant::now();
-    let mut s = tokio::net::TcpStream::connect(gw.addr).await.expect("connect");
+    let mut s = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
     // Dribble a header line at a time, never finishing the head.
-    s.write_all(b"GET /product/1 HTTP/1.1\r\nhost: x\r\n").await.expect("write");
+    s.write_all(b"GET /product/1 HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .expect("write");
     let mut buf = Vec::new();
     let closed = tokio::time::timeout(PATIENCE, async {
         loop {
@@ -115,17 +188,27 @@ async fn slowloris_headers_are_cut_off_after_the_header_timeout() {
     .await;
     assert!(closed.is_ok(), "the gateway closed the slow connection");
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(250), "closed by the timeout, not at once: {took:?}");
+    assert!(
+        took >= Duration::from_millis(250),
+        "closed by the timeout, not at once: {took:?}"
+    );
     assert!(!String::from_utf8_lossy(&buf).contains("200 OK"));
     // An idle connection that never sends anything is closed as well.
     let resp = raw_exchange(gw.addr, b"").await;
-    assert!(resp.is_empty() || raw_status(&resp) == Some(408), "{}", String::from_utf8_lossy(&resp));
+    assert!(
+        resp.is_empty() || raw_status(&resp) == Some(408),
+        "{}",
+        String::from_utf8_lossy(&resp)
+    );
     assert_eq!(q.seen.hits(), 0);
 }
 
 #[tokio::test]
 async fn junk_request_targets_get_4xx_and_the_gateway_survives() {
-    let (m, q) = (TestUpstream::start("mutation"), TestUpstream::start("query"));
+    let (m, q) = (
+        TestUpstream::start("mutation"),
+        TestUpstream::start("query"),
+    );
     let mut cfg = config(&m, &q);
     cfg.auth = cqrs_gateway::AuthSettings::Disabled;
     let gw = spawn_gateway(cfg).await;
@@ -151,7 +234,14 @@ async fn junk_request_targets_get_4xx_and_the_gateway_survives() {
             String::from_utf8_lossy(&resp)
         );
     }
-    let ok = http().get(gw.url("/healthz")).send().await.expect("healthz");
+    let ok = http()
+        .get(gw.url("/healthz"))
+        .send()
+        .await
+        .expect("healthz");
     assert_eq!(ok.status(), StatusCode::OK);
-    assert_eq!(gw.metric("cqrs_gateway_requests_total", &[("status", "500")]), 0.0);
+    assert_eq!(
+        gw.metric("cqrs_gateway_requests_total", &[("status", "500")]),
+        0.0
+    );
 }

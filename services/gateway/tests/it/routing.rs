@@ -5,19 +5,32 @@ use crate::common::*;
 
 #[tokio::test]
 async fn reads_go_to_query_and_everything_else_to_mutation() {
-    let (m, q) = (TestUpstream::start("mutation"), TestUpstream::start("query"));
+    let (m, q) = (
+        TestUpstream::start("mutation"),
+        TestUpstream::start("query"),
+    );
     let gw = spawn_gateway(config(&m, &q)).await;
     let c = http();
     let admin = bearer(&["admin"]);
 
-    let res = c.get(gw.url("/product/42?fields=a%20b&x=1")).header("authorization", &admin).send().await.expect("get");
+    let res = c
+        .get(gw.url("/product/42?fields=a%20b&x=1"))
+        .header("authorization", &admin)
+        .send()
+        .await
+        .expect("get");
     assert_eq!(res.status(), StatusCode::OK);
     let body = json_body(res).await;
     assert_eq!(body["upstream"], "query");
     assert_eq!(body["path"], "/product/42");
     assert_eq!(body["query"], "fields=a%20b&x=1");
 
-    let res = c.head(gw.url("/product/42")).header("authorization", &admin).send().await.expect("head");
+    let res = c
+        .head(gw.url("/product/42"))
+        .header("authorization", &admin)
+        .send()
+        .await
+        .expect("head");
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(q.seen.hits(), 2);
 
@@ -40,51 +53,119 @@ async fn reads_go_to_query_and_everything_else_to_mutation() {
     assert_eq!(q.seen.hits(), 2);
 
     // Admin routes follow the same method rule.
-    let body = json_body(c.get(gw.url("/admin/dlq")).header("authorization", &admin).send().await.expect("get")).await;
+    let body = json_body(
+        c.get(gw.url("/admin/dlq"))
+            .header("authorization", &admin)
+            .send()
+            .await
+            .expect("get"),
+    )
+    .await;
     assert_eq!(body["upstream"], "query");
-    let body =
-        json_body(c.post(gw.url("/admin/rebuild")).header("authorization", &admin).send().await.expect("post")).await;
+    let body = json_body(
+        c.post(gw.url("/admin/rebuild"))
+            .header("authorization", &admin)
+            .send()
+            .await
+            .expect("post"),
+    )
+    .await;
     assert_eq!(body["upstream"], "mutation");
 
-    assert_eq!(gw.metric("cqrs_gateway_requests_total", &[("route", "read"), ("method", "GET"), ("status", "200")]), 1.0);
-    assert_eq!(gw.metric("cqrs_gateway_requests_total", &[("route", "command"), ("method", "POST")]), 1.0);
-    assert_eq!(gw.metric("cqrs_gateway_requests_total", &[("route", "admin")]), 2.0);
+    assert_eq!(
+        gw.metric(
+            "cqrs_gateway_requests_total",
+            &[("route", "read"), ("method", "GET"), ("status", "200")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        gw.metric(
+            "cqrs_gateway_requests_total",
+            &[("route", "command"), ("method", "POST")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        gw.metric("cqrs_gateway_requests_total", &[("route", "admin")]),
+        2.0
+    );
 }
 
 #[tokio::test]
 async fn the_gateways_own_endpoints_are_not_proxied() {
-    let (m, q) = (TestUpstream::start("mutation"), TestUpstream::start("query"));
+    let (m, q) = (
+        TestUpstream::start("mutation"),
+        TestUpstream::start("query"),
+    );
     let gw = spawn_gateway(config(&m, &q)).await;
     let c = http();
 
     // No token needed, nothing forwarded.
-    assert_eq!(c.get(gw.url("/healthz")).send().await.expect("healthz").status(), StatusCode::OK);
+    assert_eq!(
+        c.get(gw.url("/healthz"))
+            .send()
+            .await
+            .expect("healthz")
+            .status(),
+        StatusCode::OK
+    );
     let ready = c.get(gw.url("/readyz")).send().await.expect("readyz");
     assert_eq!(ready.status(), StatusCode::OK);
-    let _ = c.get(gw.url("/product/1")).header("authorization", bearer(&["reader"])).send().await.expect("get");
-    let metrics = c.get(gw.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
+    let _ = c
+        .get(gw.url("/product/1"))
+        .header("authorization", bearer(&["reader"]))
+        .send()
+        .await
+        .expect("get");
+    let metrics = c
+        .get(gw.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
     assert!(metrics.contains("cqrs_gateway_requests_total"), "{metrics}");
-    assert!(metrics.contains("cqrs_gateway_request_duration_seconds_bucket"), "{metrics}");
-    assert_eq!(q.seen.hits() + m.seen.hits(), 1, "only the /product read reached an upstream");
+    assert!(
+        metrics.contains("cqrs_gateway_request_duration_seconds_bucket"),
+        "{metrics}"
+    );
+    assert_eq!(
+        q.seen.hits() + m.seen.hits(),
+        1,
+        "only the /product read reached an upstream"
+    );
 
     // Readiness follows the upstreams' own /readyz.
-    q.seen.ready.store(false, std::sync::atomic::Ordering::SeqCst);
+    q.seen
+        .ready
+        .store(false, std::sync::atomic::Ordering::SeqCst);
     let ready = c.get(gw.url("/readyz")).send().await.expect("readyz");
     assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
     let body: Value = ready.json().await.expect("json");
     assert_eq!(body["dependencies"]["query"]["status"], "failing");
     assert_eq!(body["dependencies"]["mutation"]["status"], "ok");
-    q.seen.ready.store(true, std::sync::atomic::Ordering::SeqCst);
+    q.seen
+        .ready
+        .store(true, std::sync::atomic::Ordering::SeqCst);
 
     let mut m = m;
     m.kill();
     let ready = c.get(gw.url("/readyz")).send().await.expect("readyz");
-    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE, "a dead upstream is not ready");
+    assert_eq!(
+        ready.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "a dead upstream is not ready"
+    );
 }
 
 #[tokio::test]
 async fn headers_are_sanitised_and_ids_propagated() {
-    let (m, q) = (TestUpstream::start("mutation"), TestUpstream::start("query"));
+    let (m, q) = (
+        TestUpstream::start("mutation"),
+        TestUpstream::start("query"),
+    );
     let gw = spawn_gateway(config(&m, &q)).await;
     let c = http();
 
@@ -99,41 +180,80 @@ async fn headers_are_sanitised_and_ids_propagated() {
         .header("x-auth-subject", "mallory")
         .header("x-auth-role", "admin")
         .header("x-request-id", "client-id-1")
-        .header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
         .header("x-forwarded-for", "203.0.113.7")
         .send()
         .await
         .expect("get");
     assert_eq!(res.status(), StatusCode::OK);
-    assert_eq!(res.headers()["x-request-id"], "client-id-1", "the response carries the request id");
+    assert_eq!(
+        res.headers()["x-request-id"],
+        "client-id-1",
+        "the response carries the request id"
+    );
     let seen = json_body(res).await;
     let h = &seen["headers"];
     for gone in ["x-private", "keep-alive", "te", "proxy-authorization"] {
         assert!(h.get(gone).is_none(), "{gone} leaked upstream: {h}");
     }
-    assert_eq!(h["x-auth-subject"], "alice", "identity comes from the verified token, not the client");
+    assert_eq!(
+        h["x-auth-subject"], "alice",
+        "identity comes from the verified token, not the client"
+    );
     assert_eq!(h["x-auth-role"], "reader");
     assert_eq!(h["x-request-id"], "client-id-1");
     let tp = h["traceparent"].as_str().expect("traceparent");
-    assert!(tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "trace id kept: {tp}");
-    assert!(!tp.contains("00f067aa0ba902b7"), "the gateway is the new parent: {tp}");
+    assert!(
+        tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "trace id kept: {tp}"
+    );
+    assert!(
+        !tp.contains("00f067aa0ba902b7"),
+        "the gateway is the new parent: {tp}"
+    );
     assert_eq!(h["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
     assert_eq!(h["x-forwarded-proto"], "http");
     assert_eq!(h["x-forwarded-host"], gw.addr.to_string());
 
     // Without client ids the gateway creates them.
-    let res = c.get(gw.url("/product/1")).header("authorization", bearer(&["reader"])).send().await.expect("get");
-    let rid = res.headers()["x-request-id"].to_str().expect("ascii").to_owned();
+    let res = c
+        .get(gw.url("/product/1"))
+        .header("authorization", bearer(&["reader"]))
+        .send()
+        .await
+        .expect("get");
+    let rid = res.headers()["x-request-id"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
     assert_eq!(rid.len(), 36, "uuid: {rid}");
     let seen = json_body(res).await;
     assert_eq!(seen["headers"]["x-request-id"], rid.as_str());
-    let tp = seen["headers"]["traceparent"].as_str().expect("traceparent");
+    let tp = seen["headers"]["traceparent"]
+        .as_str()
+        .expect("traceparent");
     assert_eq!(tp.len(), 55, "{tp}");
 
     // Hop-by-hop headers from the upstream do not reach the client.
-    let res = c.get(gw.url("/hop")).header("authorization", bearer(&["reader"])).send().await.expect("get");
+    let res = c
+        .get(gw.url("/hop"))
+        .header("authorization", bearer(&["reader"]))
+        .send()
+        .await
+        .expect("get");
     assert_eq!(res.status(), StatusCode::OK);
-    assert!(res.headers().get("x-up-hop").is_none(), "{:?}", res.headers());
-    assert!(res.headers().get("keep-alive").is_none(), "{:?}", res.headers());
+    assert!(
+        res.headers().get("x-up-hop").is_none(),
+        "{:?}",
+        res.headers()
+    );
+    assert!(
+        res.headers().get("keep-alive").is_none(),
+        "{:?}",
+        res.headers()
+    );
     assert_eq!(res.headers()["x-up-ok"], "1");
 }

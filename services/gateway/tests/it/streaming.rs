@@ -10,7 +10,10 @@ const MB: u64 = 1024 * 1024;
 
 #[tokio::test]
 async fn a_50mb_upload_streams_through_without_being_buffered() {
-    let (m, q) = (TestUpstream::start("mutation"), TestUpstream::start("query"));
+    let (m, q) = (
+        TestUpstream::start("mutation"),
+        TestUpstream::start("query"),
+    );
     let mut cfg = config(&m, &q);
     cfg.max_body_bytes = 64 * MB;
     let gw = spawn_gateway(cfg).await;
@@ -51,7 +54,10 @@ async fn a_50mb_upload_streams_through_without_being_buffered() {
 
 #[tokio::test]
 async fn a_50mb_download_streams_through_without_being_buffered() {
-    let (m, q) = (TestUpstream::start("mutation"), TestUpstream::start("query"));
+    let (m, q) = (
+        TestUpstream::start("mutation"),
+        TestUpstream::start("query"),
+    );
     let gw = spawn_gateway(config(&m, &q)).await;
     let total = 50 * MB;
     let started = Instant::now();
@@ -68,21 +74,35 @@ async fn a_50mb_download_streams_through_without_being_buffered() {
     let mut first_byte = None;
     // The upstream stops after 1 MiB until the gate opens: seeing that MiB proves nothing waits for the end.
     while got < MB {
-        let chunk = tokio::time::timeout(PATIENCE, stream.next()).await.expect("first MiB arrives").expect("more").expect("chunk");
+        let chunk = tokio::time::timeout(PATIENCE, stream.next())
+            .await
+            .expect("first MiB arrives")
+            .expect("more")
+            .expect("chunk");
         first_byte.get_or_insert_with(|| started.elapsed());
         got += chunk.len() as u64;
     }
     q.seen.open_gate();
-    while let Some(chunk) = tokio::time::timeout(PATIENCE, stream.next()).await.expect("rest arrives") {
+    while let Some(chunk) = tokio::time::timeout(PATIENCE, stream.next())
+        .await
+        .expect("rest arrives")
+    {
         got += chunk.expect("chunk").len() as u64;
     }
     assert_eq!(got, total);
-    eprintln!("50 MiB download: first byte after {:?}, all after {:?}", first_byte, started.elapsed());
+    eprintln!(
+        "50 MiB download: first byte after {:?}, all after {:?}",
+        first_byte,
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
 async fn sse_events_pass_through_unbuffered_and_outlive_the_read_timeout() {
-    let (m, q) = (TestUpstream::start("mutation"), TestUpstream::start("query"));
+    let (m, q) = (
+        TestUpstream::start("mutation"),
+        TestUpstream::start("query"),
+    );
     let mut cfg = config(&m, &q);
     cfg.read_timeout = Duration::from_millis(300);
     let gw = spawn_gateway(cfg).await;
@@ -99,14 +119,21 @@ async fn sse_events_pass_through_unbuffered_and_outlive_the_read_timeout() {
     let mut text = String::new();
     // The upstream has not finished (it waits for the gate): the first event must still arrive.
     while !text.contains("\n\n") {
-        let chunk = tokio::time::timeout(PATIENCE, stream.next()).await.expect("first event").expect("more").expect("ok");
+        let chunk = tokio::time::timeout(PATIENCE, stream.next())
+            .await
+            .expect("first event")
+            .expect("more")
+            .expect("ok");
         text.push_str(std::str::from_utf8(&chunk).expect("utf8"));
     }
     assert!(text.contains(r#"data: {"n":1}"#), "{text}");
     // Stream routes are exempt from the total timeout: outlive it on purpose before the second event.
     tokio::time::sleep(Duration::from_millis(700)).await;
     q.seen.open_gate();
-    while let Some(chunk) = tokio::time::timeout(PATIENCE, stream.next()).await.expect("stream continues") {
+    while let Some(chunk) = tokio::time::timeout(PATIENCE, stream.next())
+        .await
+        .expect("stream continues")
+    {
         text.push_str(std::str::from_utf8(&chunk.expect("stream not cut")).expect("utf8"));
     }
     assert!(text.contains(r#"data: {"n":2}"#), "{text}");
