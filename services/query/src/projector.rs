@@ -231,7 +231,7 @@ async fn apply_batch(
             let current = ctx.store.fetch(entity, generation, &ids).await?;
             let mut inserts = Vec::new();
             let mut updates = Vec::new();
-            let mut planned: Vec<(&Key, Document, Vec<&Envelope>)> = Vec::new();
+            let mut planned: Vec<(&Key, Vec<(u64, Option<serde_json::Value>)>, Vec<&Envelope>)> = Vec::new();
             for key in keys {
                 let Some(items) = groups.get(key) else {
                     continue;
@@ -240,6 +240,8 @@ async fn apply_batch(
                 let mut version = base.map(model::doc_version).unwrap_or(0);
                 let mut doc: Option<Document> = base.cloned();
                 let mut these: Vec<&Envelope> = Vec::new();
+                // Every intermediate state, for the live streams.
+                let mut states: Vec<(u64, Option<serde_json::Value>)> = Vec::new();
                 let mut dead: Option<u64> = None;
                 let mut gap = false;
                 for item in items {
@@ -272,6 +274,9 @@ async fn apply_batch(
                     }
                     match model::apply(doc.as_ref(), &item.env) {
                         Ok(d) => {
+                            if ctx.serving() == generation {
+                                states.push((v, model::to_json(&d)));
+                            }
                             doc = Some(d);
                             version = v;
                             these.push(&item.env);
@@ -287,30 +292,30 @@ async fn apply_batch(
                 }
                 if let (Some(d), false) = (doc, these.is_empty()) {
                     if base.is_none() {
-                        inserts.push(d.clone());
+                        inserts.push(d);
                     } else {
-                        updates.push(d.clone());
+                        updates.push(d);
                     }
-                    planned.push((key, d, these));
+                    planned.push((key, states, these));
                 }
             }
             let outcome = ctx
                 .store
                 .write_batch(entity, generation, inserts, updates)
                 .await?;
-            for (key, d, these) in planned {
+            for (key, states, these) in planned {
                 if outcome.conflicted_inserts.contains(&key.1) {
                     // Another writer created it meanwhile (e.g. during a rebalance): plan again from its state.
                     conflicted.push(key.clone());
                     continue;
                 }
-                changes.push(Change {
+                changes.extend(states.into_iter().map(|(version, doc)| Change {
                     entity,
                     id: key.1.clone(),
-                    version: model::doc_version(&d),
+                    version,
                     generation,
-                    doc: model::to_json(&d),
-                });
+                    doc,
+                }));
                 applied.extend(these);
             }
         }

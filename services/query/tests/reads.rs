@@ -1,0 +1,325 @@
+//! Reads: status codes, pagination, read-your-writes, live streams and blue/green rebuilds under read load.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::{collections::HashMap, time::Duration};
+
+use common::*;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_is_404_malformed_is_400_and_lists_paginate() {
+    let env = env("reads-pages").await;
+    let svc = start(env.config.clone()).await;
+    let mut ids: Vec<String> = Vec::new();
+    let mut events = Vec::new();
+    for i in 0..7 {
+        let id = Uuid::new_v4();
+        ids.push(id.to_string());
+        events.push(product_created(id, &format!("p{i}"), 100 * i));
+    }
+    // A deleted product never shows in lists.
+    let gone = Uuid::new_v4();
+    events.push(product_created(gone, "gone", 1));
+    events.push(product_deleted(gone, 2));
+    env.send_all(&events).await;
+    svc.wait_caught_up().await;
+    ids.sort();
+
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let path = match &cursor {
+            None => "/product?limit=3".to_owned(),
+            Some(c) => format!("/product?limit=3&cursor={c}"),
+        };
+        let page = svc.get_json(&path).await;
+        pages += 1;
+        for item in page["items"].as_array().unwrap() {
+            seen.push(item["id"].as_str().unwrap().to_owned());
+        }
+        match page["nextCursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+        assert!(pages < 10);
+    }
+    assert_eq!(seen, ids, "every live product exactly once, in id order");
+    assert_eq!(pages, 3);
+    // Default page, cap, bad input.
+    let all = svc.get_json("/product").await;
+    assert_eq!(all["items"].as_array().unwrap().len(), 7);
+    assert_eq!(all["limit"], 50);
+    assert_eq!(svc.get_json("/product?limit=100000").await["limit"], 500);
+    for bad in ["/product?limit=0", "/product?limit=abc", "/product?cursor=zz", "/product?cursor=%7B%22%24gt%22%3A%22%22%7D"] {
+        let r = svc.get(bad).await;
+        assert_eq!(r.status(), 400, "{bad}");
+        assert_eq!(r.headers()["content-type"], "application/problem+json");
+    }
+    assert_eq!(svc.get_json("/user").await["items"], json!([]));
+
+    for path in ["/user/not-a-uuid", "/product/%7B%22%24gt%22%3A%22%22%7D", "/order/123"] {
+        let r = svc.get(path).await;
+        assert_eq!(r.status(), 400, "{path}");
+        assert_eq!(r.headers()["content-type"], "application/problem+json");
+    }
+    for path in [format!("/user/{}", Uuid::new_v4()), format!("/order/{}", Uuid::new_v4()), format!("/product/{gone}")] {
+        let r = svc.get(&path).await;
+        assert_eq!(r.status(), 404, "{path}");
+        assert_eq!(r.headers()["content-type"], "application/problem+json");
+    }
+    let r = svc.http.get(svc.url(&format!("/product/{}", ids[0]))).header("X-Min-Version", "soon").send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(svc.get("/readyz").await.status(), 200);
+    let metrics = svc.get("/metrics").await.text().await.unwrap();
+    assert!(metrics.contains("cqrs_query_read_seconds_bucket{route=\"/product/{id}\""), "read latency by route");
+    assert!(metrics.contains("cqrs_query_end_to_end_lag_seconds"));
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_your_writes_waits_for_min_version_and_times_out_with_503() {
+    let env = env("read-your-writes").await;
+    let svc = start(env.config.clone()).await;
+    let u = Uuid::new_v4();
+    // The read starts before the event exists; it must wait and then see it.
+    let url = svc.url(&format!("/user/{u}"));
+    let http = svc.http.clone();
+    let waiting = tokio::spawn(async move { http.get(url).header("X-Min-Version", "2").send().await.unwrap() });
+    env.send(&user_created(u, "ann@example.com")).await;
+    env.send(&user_updated(u, 2, "ann@example.org", "Ann")).await;
+    let r = tokio::time::timeout(Duration::from_secs(10), waiting).await.unwrap().unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["etag"], "\"2\"");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["email"], "ann@example.org");
+
+    // Write-then-read many times in a row: each read with X-Min-Version sees its write.
+    for v in 3..=12u64 {
+        env.send(&user_updated(u, v, "ann@example.org", &format!("Ann {v}"))).await;
+        let r = svc.http.get(svc.url(&format!("/user/{u}"))).header("X-Min-Version", v.to_string()).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["version"], v);
+        assert_eq!(body["name"], format!("Ann {v}"));
+    }
+
+    // A version that never comes: bounded wait, then 503 problem+json with Retry-After.
+    let started = std::time::Instant::now();
+    let r = svc
+        .http
+        .get(svc.url(&format!("/user/{u}")))
+        .header("X-Min-Version", "99")
+        .header("Prefer", "wait=0.4")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(400) && took < Duration::from_secs(3), "{took:?}");
+    svc.stop().await;
+}
+
+/// Reads the next `event:`/`data:` pair of a server-sent event stream.
+async fn next_event(
+    stream: &mut (impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
+    buf: &mut String,
+) -> (String, Value) {
+    loop {
+        if let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let mut event = String::new();
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(e) = line.strip_prefix("event:") {
+                    event = e.trim().to_owned();
+                } else if let Some(d) = line.strip_prefix("data:") {
+                    data.push_str(d.trim());
+                }
+            }
+            if event.is_empty() && data.is_empty() {
+                continue; // keep-alive comment
+            }
+            return (event, serde_json::from_str(&data).unwrap());
+        }
+        let chunk = tokio::time::timeout(Duration::from_secs(15), stream.next()).await.unwrap().unwrap().unwrap();
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_streams_deliver_read_model_changes() {
+    let env = env("sse").await;
+    let svc = start(env.config.clone()).await;
+    let p = Uuid::new_v4();
+    env.send(&product_created(p, "Widget", 100)).await;
+    svc.wait_caught_up().await;
+
+    let one = svc.get(&format!("/product/{p}/stream")).await;
+    assert_eq!(one.status(), 200);
+    assert!(one.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let mut one = one.bytes_stream();
+    let mut buf1 = String::new();
+    let all = svc.get("/stream?type=product").await;
+    assert_eq!(all.status(), 200);
+    let mut all = all.bytes_stream();
+    let mut buf2 = String::new();
+    assert_eq!(svc.get("/stream?type=nope").await.status(), 400);
+
+    let (ev, data) = next_event(&mut one, &mut buf1).await;
+    assert_eq!(ev, "snapshot");
+    assert_eq!(data["version"], 1);
+    assert_eq!(data["doc"]["name"], "Widget");
+
+    let other = Uuid::new_v4();
+    env.send(&product_created(other, "Other", 5)).await;
+    env.send(&product_updated(p, 2, "Widget 2", 250)).await;
+    env.send(&product_deleted(p, 3)).await;
+    let (ev, data) = next_event(&mut one, &mut buf1).await;
+    assert_eq!(ev, "change");
+    assert_eq!(data["id"], p.to_string());
+    assert_eq!(data["version"], 2);
+    assert_eq!(data["doc"]["price"], "2.50");
+    let (_, data) = next_event(&mut one, &mut buf1).await;
+    assert_eq!(data["version"], 3);
+    assert_eq!(data["deleted"], true);
+
+    // The per-type stream sees both products' changes.
+    let mut got: HashMap<String, u64> = HashMap::new();
+    while got.get(&p.to_string()) != Some(&3) || !got.contains_key(&other.to_string()) {
+        let (ev, data) = next_event(&mut all, &mut buf2).await;
+        assert_eq!(ev, "change");
+        assert_eq!(data["type"], "product");
+        got.insert(data["id"].as_str().unwrap().to_owned(), data["version"].as_u64().unwrap());
+    }
+    drop(one);
+    drop(all);
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_while_reading_never_fails_or_goes_back_in_time() {
+    let env = env("rebuild").await;
+    let mut cfg = env.config.clone();
+    cfg.rebuild_grace_secs = 1;
+    let svc = start(cfg).await;
+    let ids: Vec<Uuid> = (0..30).map(|_| Uuid::new_v4()).collect();
+    let mut events = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        events.push(product_created(*id, &format!("p{i}"), 100));
+        for v in 2..=4u64 {
+            events.push(product_updated(*id, v, &format!("p{i}"), 100 * v as i64));
+        }
+    }
+    env.send_all(&events).await;
+    svc.wait_caught_up().await;
+    assert_eq!(svc.get_json("/admin/projections").await, json!({"serving": 1, "rebuild": null}));
+
+    // Readers run continuously through the rebuild and the switch.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut readers = Vec::new();
+    for r in 0..3 {
+        let (http, base, ids, stop) = (svc.http.clone(), svc.url(""), ids.clone(), stop.clone());
+        readers.push(tokio::spawn(async move {
+            let mut last: HashMap<Uuid, u64> = HashMap::new();
+            let mut reads = 0u64;
+            let mut i = r;
+            while !stop.is_cancelled() {
+                let id = ids[i % ids.len()];
+                i += 1;
+                let res = http.get(format!("{base}/product/{id}")).send().await.unwrap();
+                assert_eq!(res.status(), 200, "read of {id} failed during the rebuild");
+                let v = res.json::<Value>().await.unwrap()["version"].as_u64().unwrap();
+                let prev = last.insert(id, v).unwrap_or(0);
+                assert!(v >= prev && v >= 4, "{id}: version went from {prev} to {v}");
+                reads += 1;
+            }
+            reads
+        }));
+    }
+
+    let post = |g: u32| svc.http.post(svc.url("/admin/projections/rebuild")).json(&json!({"generation": g})).send();
+    // Start a rebuild to 3, replace it by 2 (a different N replaces), then ask for 2 again (idempotent).
+    assert_eq!(post(3).await.unwrap().status(), 202);
+    let r = post(2).await.unwrap();
+    assert_eq!(r.status(), 202);
+    let again = post(2).await.unwrap();
+    assert_eq!(again.status(), 202);
+    let body: Value = again.json().await.unwrap();
+    assert_eq!(body["rebuild"]["generation"], 2);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let last = loop {
+        let last = svc.get_json("/admin/projections").await;
+        if last["serving"] == 2 {
+            break last;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "rebuild never switched: {last:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(last["rebuild"]["state"], "switched");
+    assert_eq!(last["rebuild"]["progress"], 1.0);
+    assert_eq!(last["rebuild"]["lag"], 0);
+    // Keep reading a little after the switch, then check the readers.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.cancel();
+    for r in readers {
+        assert!(r.await.unwrap() > 0);
+    }
+    // New writes land in generation 2 and are served.
+    env.send(&product_updated(ids[0], 5, "p0", 999)).await;
+    let r = svc.http.get(svc.url(&format!("/product/{}", ids[0]))).header("X-Min-Version", "5").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(env.snapshot(2).await.len(), 30);
+    // Older generations are rejected; the serving one is a no-op; the old collections go after the grace period.
+    assert_eq!(post(1).await.unwrap().status(), 409);
+    assert_eq!(post(2).await.unwrap().status(), 202);
+    assert!(wait_until(WAIT, || async { env.snapshot(1).await.is_empty() && env.snapshot(3).await.is_empty() }).await);
+
+    // Cancel: a rebuild to 4 is cancelled and reads stay on 2.
+    assert_eq!(post(4).await.unwrap().status(), 202);
+    let r = svc.http.delete(svc.url("/admin/projections/rebuild")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["serving"], 2);
+    assert_eq!(body["rebuild"]["state"], "cancelled");
+    let bad = svc.http.post(svc.url("/admin/projections/rebuild")).body("{}").header("content-type", "application/json").send().await.unwrap();
+    assert_eq!(bad.status(), 400);
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_resumes_after_a_restart() {
+    let env = env("rebuild-resume").await;
+    let mut events = Vec::new();
+    for i in 0..40 {
+        events.push(user_created(Uuid::new_v4(), &format!("u{i}@example.com")));
+    }
+    env.send_all(&events).await;
+    let svc = start(env.config.clone()).await;
+    svc.wait_caught_up().await;
+    svc.stop().await;
+    // The generation is bumped by configuration (as the operator does): the rebuild starts at startup, and
+    // its state lives in `_meta`, so a restart in the middle resumes it.
+    let mut cfg = env.config.clone();
+    cfg.projection_generation = 2;
+    cfg.batch_size = 5;
+    cfg.fault_crash_after_write = Some(2);
+    let first = start(cfg).await;
+    assert!(wait_until(WAIT, || async { first.ctx.fault_fired.load(std::sync::atomic::Ordering::SeqCst) }).await);
+    let p = first.get_json("/admin/projections").await;
+    assert_eq!(p["serving"], 1);
+    first.stop().await;
+    let mut cfg = env.config.clone();
+    cfg.projection_generation = 2;
+    let second = start(cfg).await;
+    assert!(wait_until(WAIT, || async { second.get_json("/admin/projections").await["serving"] == 2 }).await);
+    assert_eq!(env.snapshot(2).await.len(), 40);
+    second.wait_caught_up().await;
+    second.stop().await;
+}
