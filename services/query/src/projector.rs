@@ -160,6 +160,8 @@ struct Item<'a> {
 }
 
 type Key = (AggregateType, String);
+/// Each applied version's client view (for live streams), for one aggregate.
+type States = Vec<(u64, Option<serde_json::Value>)>;
 
 /// Applies one batch. Returns only when every message is either applied, a duplicate, or durably dead-lettered.
 async fn apply_batch(
@@ -231,7 +233,7 @@ async fn apply_batch(
             let current = ctx.store.fetch(entity, generation, &ids).await?;
             let mut inserts = Vec::new();
             let mut updates = Vec::new();
-            let mut planned: Vec<(&Key, Vec<(u64, Option<serde_json::Value>)>, Vec<&Envelope>)> = Vec::new();
+            let mut planned: Vec<(&Key, States, Vec<&Envelope>)> = Vec::new();
             for key in keys {
                 let Some(items) = groups.get(key) else {
                     continue;
@@ -241,7 +243,7 @@ async fn apply_batch(
                 let mut doc: Option<Document> = base.cloned();
                 let mut these: Vec<&Envelope> = Vec::new();
                 // Every intermediate state, for the live streams.
-                let mut states: Vec<(u64, Option<serde_json::Value>)> = Vec::new();
+                let mut states: States = Vec::new();
                 let mut dead: Option<u64> = None;
                 let mut gap = false;
                 for item in items {

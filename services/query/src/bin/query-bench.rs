@@ -1,1 +1,253 @@
-fn main() {}
+//! `query-bench`: projection throughput at several batch sizes next to the Mongo-wire server's own raw
+//! `insert_many` rate (measured in the same run), and end-to-end lag (produce → applied and visible) at a
+//! steady produce rate. Not a test: it prints figures.
+//!
+//! `devstack start` prints the servers' addresses; then
+//! `query-bench --mongo-url mongodb://127.0.0.1:P/?directConnection=true --kafka-bootstrap 127.0.0.1:Q`.
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use clap::Parser;
+use cqrs_events::{Envelope, EventPayload, ProductCreated, ProductUpdated, Topics};
+use cqrs_query::{Application, QueryConfig, ctx::Notice, kafka};
+use mongodb::bson::doc;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use uuid::Uuid;
+
+#[derive(Debug, Parser)]
+#[command(name = "query-bench")]
+struct Args {
+    #[arg(long, env = "MONGO_URL")]
+    mongo_url: String,
+    #[arg(long, env = "KAFKA_BOOTSTRAP")]
+    kafka_bootstrap: String,
+    /// Events per throughput run (batch sizes 100 and 1000; batch size 1 uses a tenth).
+    #[arg(long, env = "BENCH_EVENTS", default_value_t = 10_000)]
+    events: usize,
+    /// Steady produce rate for the lag measurement (events/s) and its duration (s).
+    #[arg(long, env = "BENCH_RATE", default_value_t = 200)]
+    rate: u64,
+    #[arg(long, env = "BENCH_SECONDS", default_value_t = 10)]
+    seconds: u64,
+}
+
+fn product_doc(i: usize) -> mongodb::bson::Document {
+    doc! {
+        "_id": Uuid::new_v4().to_string(), "name": format!("product {i}"), "price": "19.99", "priceCents": 1999_i64,
+        "description": mongodb::bson::Bson::Null, "version": 1_i64, "lastEventId": Uuid::now_v7().to_string(),
+        "createdAt": "2026-11-24T00:00:00.000Z", "updatedAt": "2026-11-24T00:00:00.000Z",
+    }
+}
+
+/// Creates only (`mixed == false`) or a create followed by two updates per product.
+fn workload(n: usize, mixed: bool) -> Vec<Envelope> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let id = Uuid::new_v4();
+        let i = out.len();
+        out.push(Envelope::new(
+            id,
+            1,
+            EventPayload::ProductCreated(ProductCreated { name: format!("p{i}"), price_cents: 1999, description: None }),
+        ));
+        if mixed {
+            for v in 2..=3 {
+                if out.len() < n {
+                    out.push(Envelope::new(
+                        id,
+                        v,
+                        EventPayload::ProductUpdated(ProductUpdated {
+                            name: format!("p{i}"),
+                            price_cents: 1999 + v as i64,
+                            description: None,
+                        }),
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+async fn produce(p: &FutureProducer, topics: &Topics, events: &[Envelope]) -> anyhow::Result<()> {
+    let topic = topics.for_aggregate(cqrs_events::AggregateType::Product);
+    for chunk in events.chunks(2000) {
+        let payloads: Vec<(String, Vec<u8>)> = chunk.iter().map(|e| (e.aggregate_id.to_string(), e.to_json())).collect();
+        let sends = payloads
+            .iter()
+            .map(|(k, v)| p.send(FutureRecord::to(&topic).key(k).payload(v), Duration::from_secs(30)));
+        for r in futures::future::join_all(sends).await {
+            r.map_err(|(e, _)| e).context("produce")?;
+        }
+    }
+    Ok(())
+}
+
+async fn fresh(args: &Args, tag: &str) -> anyhow::Result<(QueryConfig, Topics)> {
+    let unique = &Uuid::new_v4().simple().to_string()[..8];
+    let prefix = format!("bench-{tag}-{unique}");
+    let topics = Topics::new(prefix.clone());
+    let mut all = topics.event_topics();
+    all.push(topics.dlq());
+    kafka::ensure_topics(&args.kafka_bootstrap, &all, 3).await?;
+    let mut cfg = QueryConfig::new(args.mongo_url.clone(), args.kafka_bootstrap.clone());
+    cfg.topic_prefix = prefix;
+    cfg.mongo_db = format!("bench_{tag}_{unique}");
+    cfg.mutation_url = "http://127.0.0.1:9".into();
+    Ok((cfg, topics))
+}
+
+fn applied(ctx: &cqrs_query::Ctx) -> f64 {
+    ctx.metrics
+        .registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == "cqrs_query_events_applied_total")
+        .flat_map(|f| f.get_metric().iter().map(|m| m.get_counter().get_value()).collect::<Vec<_>>())
+        .sum()
+}
+
+/// Applies `n` pre-produced events with `batch` and returns events/s from the first applied batch to the last.
+async fn throughput(args: &Args, producer: &FutureProducer, batch: usize, n: usize, mixed: bool) -> anyhow::Result<f64> {
+    let (mut cfg, topics) = fresh(args, &format!("b{batch}")).await?;
+    cfg.batch_size = batch;
+    cfg.batch_wait_ms = 20;
+    produce(producer, &topics, &workload(n, mixed)).await?;
+    let app = Application::build(cfg).await?;
+    let ctx = app.ctx();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(app.run_until_stopped(async move {
+        let _ = rx.await;
+    }));
+    let mut first: Option<(Instant, f64)> = None;
+    let deadline = Instant::now() + Duration::from_secs(900);
+    let rate = loop {
+        let a = applied(&ctx);
+        if a > 0.0 && first.is_none() {
+            first = Some((Instant::now(), a));
+        }
+        if a >= n as f64 {
+            let (t0, a0) = first.unwrap_or((Instant::now(), 0.0));
+            let secs = t0.elapsed().as_secs_f64().max(1e-3);
+            break (a - a0) / secs;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "only {a} of {n} applied");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let _ = tx.send(());
+    run.await??;
+    Ok(rate)
+}
+
+async fn raw_insert_rate(args: &Args, n: usize) -> anyhow::Result<f64> {
+    let client = mongodb::Client::with_uri_str(&args.mongo_url).await?;
+    let coll = client
+        .database(&format!("bench_raw_{}", &Uuid::new_v4().simple().to_string()[..8]))
+        .collection::<mongodb::bson::Document>("raw");
+    let docs: Vec<_> = (0..n).map(product_doc).collect();
+    let t = Instant::now();
+    for chunk in docs.chunks(1000) {
+        coll.insert_many(chunk.to_vec()).await?;
+    }
+    Ok(n as f64 / t.elapsed().as_secs_f64())
+}
+
+async fn lag(args: &Args, producer: &FutureProducer) -> anyhow::Result<(f64, f64, usize)> {
+    let (cfg, topics) = fresh(args, "lag").await?;
+    let app = Application::build(cfg).await?;
+    let ctx = app.ctx();
+    let mut rx = ctx.notices.subscribe();
+    let (tx, stop) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(app.run_until_stopped(async move {
+        let _ = stop.await;
+    }));
+    // Wait until the consumer has joined its group: one warm-up event must come through.
+    let warm = workload(1, false);
+    produce(producer, &topics, &warm).await?;
+    while let Ok(n) = rx.recv().await {
+        if matches!(n, Notice::Changed(_)) {
+            break;
+        }
+    }
+    let total = usize::try_from(args.rate * args.seconds)?;
+    let events = Arc::new(workload(total, false));
+    let sent: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
+    let (p, t, ev, s) = (producer.clone(), topics.clone(), events.clone(), sent.clone());
+    let rate = args.rate;
+    let producing = tokio::spawn(async move {
+        let start = tokio::time::Instant::now();
+        let mut pending = Vec::new();
+        for (i, e) in ev.iter().enumerate() {
+            tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate as f64)).await;
+            if let Ok(mut m) = s.lock() {
+                m.insert(e.aggregate_id.to_string(), Instant::now());
+            }
+            let (p, t, e) = (p.clone(), t.clone(), e.clone());
+            pending.push(tokio::spawn(async move { produce(&p, &t, std::slice::from_ref(&e)).await }));
+        }
+        for h in pending {
+            h.await??;
+        }
+        anyhow::Ok(())
+    });
+    let mut lags = Vec::with_capacity(total);
+    let deadline = Instant::now() + Duration::from_secs(args.seconds * 10 + 60);
+    while lags.len() < total && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+            Ok(Ok(Notice::Changed(c))) => {
+                let at = sent.lock().ok().and_then(|m| m.get(&c.id).copied());
+                if let Some(at) = at {
+                    lags.push(at.elapsed().as_secs_f64());
+                }
+            }
+            Ok(Ok(_)) | Err(_) => {}
+            Ok(Err(e)) => anyhow::bail!("notices: {e}"),
+        }
+    }
+    producing.await??;
+    let _ = tx.send(());
+    run.await??;
+    lags.sort_by(f64::total_cmp);
+    let pct = |q: f64| lags.get(((lags.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(f64::NAN);
+    Ok((pct(0.5), pct(0.99), lags.len()))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    cqrs_common::telemetry::init(cqrs_common::LogFormat::Text);
+    let producer: FutureProducer = kafka::client_config(&args.kafka_bootstrap)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()?;
+    let n = args.events;
+    let raw = raw_insert_rate(&args, n).await?;
+    println!("raw insert_many (chunks of 1000) on the Mongo-wire server: {raw:.0} docs/s");
+    for mixed in [false, true] {
+        let label = if mixed { "mixed (create + 2 updates per product)" } else { "creates only" };
+        for batch in [1usize, 100, 1000] {
+            let count = if batch == 1 { (n / 10).max(100) } else { n };
+            let rate = throughput(&args, &producer, batch, count, mixed).await?;
+            println!(
+                "projection, {label}, batch size {batch:>4}: {rate:>7.0} events/s ({:.2}× raw insert_many), {count} events",
+                rate / raw
+            );
+        }
+    }
+    let raw2 = raw_insert_rate(&args, n).await?;
+    println!("raw insert_many again (drift check): {raw2:.0} docs/s");
+    let (p50, p99, n) = lag(&args, &producer).await?;
+    println!(
+        "end-to-end lag (produce → applied and visible) at {} events/s for {} s: p50 {:.1} ms, p99 {:.1} ms ({n} events)",
+        args.rate,
+        args.seconds,
+        p50 * 1000.0,
+        p99 * 1000.0
+    );
+    Ok(())
+}
