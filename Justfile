@@ -11,13 +11,15 @@ default:
     @just --list
 
 # Bring up PostgreSQL, Kafka, the Mongo-wire server, mutation, query and gateway; serve until Ctrl-C.
+# (It builds what `just test` builds, so the two share one cache: a per-package build would resolve other
+# dependency features and compile everything twice.)
 up:
-    cargo build --bins -p cqrs-devstack -p cqrs-mutation -p cqrs-query -p cqrs-gateway
+    cargo build --workspace --all-targets
     {{bin}}/devstack up --bin-dir {{bin}}
 
 # Stop a local stack left running (`just down --purge` also deletes its data).
 down *args:
-    cargo build -q --bin devstack -p cqrs-devstack
+    cargo build --workspace --all-targets -q
     {{bin}}/devstack down {{args}}
 
 # Run the whole test suite against real servers (started once for the run, stopped at the end).
