@@ -207,14 +207,14 @@ impl Kafka {
         let deadline = Instant::now() + timeout;
         let bootstrap = self.bootstrap();
         loop {
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    return Err(DevstackError::Exited {
-                        server: "kafka",
-                        status: status.to_string(),
-                        log: self.log_path(),
-                    });
-                }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                return Err(DevstackError::Exited {
+                    server: "kafka",
+                    status: status.to_string(),
+                    log: self.log_path(),
+                });
             }
             let b = bootstrap.clone();
             let ok = tokio::task::spawn_blocking(move || metadata_ok(&b))

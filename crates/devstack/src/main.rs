@@ -256,10 +256,10 @@ async fn wait_ready(name: &str, url: &str, services: &mut [Service]) -> anyhow::
         .build()?;
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        if let Ok(r) = http.get(url).send().await {
-            if r.status().is_success() {
-                return Ok(());
-            }
+        if let Ok(r) = http.get(url).send().await
+            && r.status().is_success()
+        {
+            return Ok(());
         }
         for svc in services.iter_mut() {
             if let Ok(Some(status)) = svc.child.try_wait() {

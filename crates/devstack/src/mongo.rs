@@ -115,14 +115,14 @@ impl Mongo {
     async fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    return Err(DevstackError::Exited {
-                        server: "mongo",
-                        status: status.to_string(),
-                        log: self.log_path(),
-                    });
-                }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                return Err(DevstackError::Exited {
+                    server: "mongo",
+                    status: status.to_string(),
+                    log: self.log_path(),
+                });
             }
             if proc::port_open(self.cfg.port) && ping(&self.url()).await {
                 return Ok(());

@@ -65,10 +65,10 @@ pub fn port_open(port: u16) -> bool {
 
 /// Sends `sig` to the process group led by `pid` (falls back to the process alone).
 pub fn signal(pid: u32, sig: Signal) {
-    if let Ok(p) = i32::try_from(pid) {
-        if killpg(Pid::from_raw(p), sig).is_err() {
-            let _ = kill(Pid::from_raw(p), sig);
-        }
+    if let Ok(p) = i32::try_from(pid)
+        && killpg(Pid::from_raw(p), sig).is_err()
+    {
+        let _ = kill(Pid::from_raw(p), sig);
     }
 }
 
@@ -77,10 +77,10 @@ pub async fn wait_gone(pid: u32, child: Option<&mut Child>, timeout: Duration) -
     let deadline = Instant::now() + timeout;
     let mut child = child;
     loop {
-        if let Some(c) = child.as_deref_mut() {
-            if matches!(c.try_wait(), Ok(Some(_))) {
-                return true;
-            }
+        if let Some(c) = child.as_deref_mut()
+            && matches!(c.try_wait(), Ok(Some(_)))
+        {
+            return true;
         }
         if !pid_alive(pid) {
             return true;

@@ -260,7 +260,9 @@ pub async fn ensure_stack(spec: &ProfileSpec) -> Result<Ensured> {
                 Err(e) => first_err = first_err.or(Some(e)),
                 Ok(None) => {}
             }
-            return Err(first_err.unwrap_or_else(|| DevstackError::Command("startup failed".into())));
+            return Err(
+                first_err.unwrap_or_else(|| DevstackError::Command("startup failed".into()))
+            );
         }
     };
 
