@@ -39,6 +39,8 @@ use crate::{
 };
 
 pub const MIN_VERSION_HEADER: &str = "x-min-version";
+/// While waiting for `X-Min-Version`, MongoDB is re-read at most this often without a notice.
+const FALLBACK_RECHECK: Duration = Duration::from_millis(250);
 
 #[derive(Clone)]
 pub struct AppState {
@@ -169,8 +171,12 @@ async fn get_entity(
         if doc.as_ref().map(doc_version).unwrap_or(0) >= min {
             return entity_response(entity, &id, doc);
         }
+        // Woken by this replica's apply loop; a slow fallback re-read covers documents applied by another
+        // replica (which notifies only its own clients).
+        let recheck = (tokio::time::Instant::now() + FALLBACK_RECHECK).min(deadline);
         loop {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
+            match tokio::time::timeout_at(recheck, rx.recv()).await {
+                Err(_) if recheck < deadline => break,
                 Err(_) => {
                     return Problem::unavailable(
                         format!("{entity} {id} did not reach version {min} within {bound:?}; retry later"),

@@ -95,10 +95,26 @@ async fn consume(
     let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&refs)?;
     let size = ctx.config.batch_size.max(1);
+    let mut last_commit: Option<TopicPartitionList> = None;
     loop {
         let first = tokio::select! {
-            _ = cancel.cancelled() => return Ok(()),
-            m = consumer.recv() => m?.detach(),
+            _ = cancel.cancelled() => {
+                // Make sure the last batch's asynchronous commit is not lost when the consumer closes.
+                if let Some(tpl) = &last_commit
+                    && let Err(e) = consumer.commit(tpl, CommitMode::Sync)
+                {
+                    tracing::warn!(error = %e, "final offset commit failed");
+                }
+                return Ok(());
+            }
+            m = consumer.recv() => match m {
+                Ok(m) => m.detach(),
+                Err(e) => {
+                    tracing::warn!(generation, error = %e, "consumer error");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            },
         };
         let mut batch = vec![first];
         let deadline = tokio::time::Instant::now() + ctx.config.batch_wait();
@@ -120,6 +136,10 @@ async fn consume(
                 Ok(()) => break,
                 Err(e) => {
                     tracing::warn!(generation, error = %e, "applying a batch failed; retrying");
+                    if cancel.is_cancelled() {
+                        // Not committed: the batch is redelivered to whoever consumes next.
+                        return Ok(());
+                    }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
@@ -150,6 +170,7 @@ async fn consume(
             // Not fatal: the events are applied; they will be redelivered and skipped as duplicates.
             tracing::warn!(error = %e, "offset commit failed");
         }
+        last_commit = Some(tpl);
     }
 }
 

@@ -19,6 +19,8 @@ const META_ID: &str = "projection";
 /// Collections of a cancelled rebuild are dropped this long after the cancel, once every replica has stopped
 /// writing to them.
 const CANCEL_DROP_DELAY: Duration = Duration::from_secs(10);
+/// How often the supervisor refreshes the consumer-lag and DLQ gauges.
+const GAUGE_PERIOD: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RebuildMeta {
@@ -97,6 +99,8 @@ struct Local {
     started: bool,
     /// Last computed (progress, lag) of the running rebuild.
     progress: Option<(f64, i64)>,
+    /// When the serving lag and DLQ gauges were last refreshed.
+    gauges_at: Option<std::time::Instant>,
 }
 
 /// The problem a rebuild request can have.
@@ -219,6 +223,14 @@ impl Supervisor {
             if lag.lag_messages == 0 {
                 self.switch(&mut local, &meta, r).await?;
             }
+        }
+        if local.gauges_at.is_none_or(|t| t.elapsed() >= GAUGE_PERIOD) {
+            local.gauges_at = Some(std::time::Instant::now());
+            // Keeps cqrs_query_consumer_lag and cqrs_query_dlq_messages fresh without a /sync-status caller.
+            if let Err(e) = status::projection_lag(&self.ctx, "serving", meta.serving, &meta.serving_group).await {
+                tracing::debug!(error = %e, "lag gauge refresh failed");
+            }
+            let _ = status::dlq_count(&self.ctx).await;
         }
         let now = chrono::Utc::now().timestamp_millis();
         for (g, after) in &meta.pending_drops {
