@@ -323,3 +323,39 @@ async fn a_rebuild_resumes_after_a_restart() {
     second.wait_caught_up().await;
     second.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_the_partitions_and_both_serve_read_your_writes() {
+    let env = env("two-replicas").await;
+    let a = start(env.config.clone()).await;
+    let b = start(env.config.clone()).await;
+    let ids: Vec<Uuid> = (0..12).map(|_| Uuid::new_v4()).collect();
+    for round in 1..=3u64 {
+        for (i, id) in ids.iter().enumerate() {
+            let e = if round == 1 {
+                user_created(*id, &format!("u{i}@example.com"))
+            } else {
+                user_updated(*id, round, &format!("u{i}@example.com"), &format!("round {round}"))
+            };
+            env.send(&e).await;
+            // Whichever replica owns the partition, a read on either one sees the write.
+            for svc in [&a, &b] {
+                let r = svc
+                    .http
+                    .get(svc.url(&format!("/user/{id}")))
+                    .header("X-Min-Version", round.to_string())
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+                assert_eq!(r.json::<Value>().await.unwrap()["version"], round);
+            }
+        }
+    }
+    a.wait_caught_up().await;
+    let total = a.metric("cqrs_query_events_applied_total", "") + b.metric("cqrs_query_events_applied_total", "");
+    assert!(total >= 36.0, "every event applied by one of the replicas");
+    assert_eq!(env.snapshot(1).await.len(), 12);
+    a.stop().await;
+    b.stop().await;
+}
