@@ -2,6 +2,7 @@
 //! killable subprocesses, and the scenarios (`seed`, `hostile`, `chaos`, `bench`).
 
 pub mod client;
+pub mod hostile;
 pub mod seed;
 pub mod stack;
 pub mod stats;

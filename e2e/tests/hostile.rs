@@ -1,0 +1,59 @@
+//! Hostile input through the gateway: only documented 4xx answers, no 5xx, no crash, nothing stored.
+#![allow(clippy::unwrap_used)]
+
+use cqrs_e2e::{Stack, StackConfig, hostile};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_input_gets_only_documented_4xx_and_stores_nothing() {
+    let env = cqrs_devstack::test_env("e2e-hostile").await.unwrap();
+    let mut stack = Stack::start(StackConfig::from_test_env(&env).unwrap())
+        .await
+        .unwrap();
+    let report = hostile::run(&stack.gateway).await.unwrap();
+    report.print();
+    assert!(report.cases >= 80, "only {} cases", report.cases);
+    assert_eq!(report.server_errors, 0, "5xx answers");
+    for (c, alive) in stack.all_running() {
+        assert!(alive, "{} crashed", c.name());
+    }
+    assert!(report.healthy_after);
+    assert_eq!(report.stored_before, report.stored_after, "something was stored");
+    // One known bug is excluded here and kept visible by its own (ignored) test below.
+    let unexpected = report.unexpected_except(&[hostile::BODY_OVER_MUTATION_LIMIT]);
+    assert!(unexpected.is_empty(), "answers outside the documented set: {unexpected:#?}");
+    stack.stop().await;
+}
+
+/// BUG (reported): an oversized body (over the gateway's 1 MiB, or over mutation's 256 KiB) gets no answer at
+/// all in ~20% of attempts — the client sees a connection reset while it still sends — instead of the 413: the
+/// server answers from the Content-Length and closes without reading (no lingering close / drain). Fix: drain
+/// (up to a cap) or lingering-close after an early 413, and keep the gateway's limit ≤ mutation's.
+/// Run with `--ignored`; it fails until fixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known bug: an early 413 is lost as a connection reset (see report)"]
+async fn body_between_the_two_limits_always_gets_413() {
+    let env = cqrs_devstack::test_env("e2e-bodylimit").await.unwrap();
+    let stack = Stack::start(StackConfig::from_test_env(&env).unwrap())
+        .await
+        .unwrap();
+    let body = format!(r#"{{"name":"x","price":1,"description":"{}"}}"#, "y".repeat(400 << 10));
+    let req = cqrs_e2e::RawRequest {
+        method: reqwest::Method::POST,
+        path: "/product".into(),
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: Some(body.into_bytes()),
+        bearer: Some(stack.gateway.token().to_owned()),
+    };
+    let mut huge = req.clone();
+    huge.body = Some(format!(r#"{{"name":"{}","price":1}}"#, "x".repeat(2 << 20)).into_bytes());
+    // Right after a request the gateway refused as too large on the same keep-alive connection.
+    let mut outcomes = Vec::new();
+    for _ in 0..10 {
+        for r in [&huge, &req] {
+            let res = stack.gateway.raw(r).await;
+            outcomes.push(res.map(|r| r.status.as_u16()).map_err(|e| e.to_string()));
+        }
+    }
+    assert!(outcomes.iter().all(|o| o == &Ok(413)), "{outcomes:?}");
+    stack.stop().await;
+}
