@@ -1,0 +1,568 @@
+//! Pure construction of every object a `CqrsStack` owns. No I/O: unit-tested without a cluster.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::{
+        apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment},
+        autoscaling::v2::{
+            CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec,
+            MetricSpec, MetricTarget, ResourceMetricSource,
+        },
+        core::v1::{
+            Capabilities, ConfigMap, ConfigMapEnvSource, Container, ContainerPort,
+            EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction,
+            PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretEnvSource,
+            SecretKeySelector, SecurityContext, Service, ServicePort, ServiceSpec, Volume,
+            VolumeMount,
+        },
+        policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec},
+    },
+    apimachinery::pkg::{
+        apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference},
+        util::intstr::IntOrString,
+    },
+};
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+use serde_json::json;
+
+use crate::{
+    crd::{ComponentSpec, TopicMode},
+    validate::ValidSpec,
+};
+
+pub const FIELD_MANAGER: &str = "cqrs-operator";
+pub const PART_OF: &str = "cqrs-stack";
+/// Pod template annotation whose change rolls the pods when their configuration changes.
+pub const CONFIG_HASH_ANNOTATION: &str = "cqrs.dev/config-hash";
+/// Kafka topics per aggregate type plus the dead-letter topic.
+pub const TOPICS: [&str; 4] = ["users", "products", "orders", "dlq"];
+/// UID/GID the containers run as (the Dockerfiles create this user).
+pub const RUN_AS: i64 = 65532;
+
+/// The three services of a stack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Component {
+    Gateway,
+    Mutation,
+    Query,
+}
+
+impl Component {
+    pub const ALL: [Component; 3] = [Component::Gateway, Component::Mutation, Component::Query];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Gateway => "gateway",
+            Self::Mutation => "mutation",
+            Self::Query => "query",
+        }
+    }
+    pub fn port(self) -> i32 {
+        match self {
+            Self::Gateway => 3123,
+            Self::Mutation => 3124,
+            Self::Query => 3125,
+        }
+    }
+}
+
+/// Everything the build step needs: the stack's identity and its validated spec.
+#[derive(Debug, Clone)]
+pub struct Desired {
+    pub name: String,
+    pub namespace: String,
+    /// Controller owner reference pointing at the CqrsStack.
+    pub owner: OwnerReference,
+    pub spec: ValidSpec,
+}
+
+/// One owned object, typed where k8s-openapi has a type.
+#[derive(Debug, Clone)]
+pub enum Child {
+    ConfigMap(ConfigMap),
+    Deployment(Deployment),
+    Service(Service),
+    PodDisruptionBudget(PodDisruptionBudget),
+    HorizontalPodAutoscaler(HorizontalPodAutoscaler),
+    KafkaTopic(DynamicObject),
+    ServiceMonitor(DynamicObject),
+}
+
+impl Child {
+    pub fn name(&self) -> String {
+        let meta = match self {
+            Child::ConfigMap(o) => &o.metadata,
+            Child::Deployment(o) => &o.metadata,
+            Child::Service(o) => &o.metadata,
+            Child::PodDisruptionBudget(o) => &o.metadata,
+            Child::HorizontalPodAutoscaler(o) => &o.metadata,
+            Child::KafkaTopic(o) | Child::ServiceMonitor(o) => &o.metadata,
+        };
+        meta.name.clone().unwrap_or_default()
+    }
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Child::ConfigMap(_) => "ConfigMap",
+            Child::Deployment(_) => "Deployment",
+            Child::Service(_) => "Service",
+            Child::PodDisruptionBudget(_) => "PodDisruptionBudget",
+            Child::HorizontalPodAutoscaler(_) => "HorizontalPodAutoscaler",
+            Child::KafkaTopic(_) => "KafkaTopic",
+            Child::ServiceMonitor(_) => "ServiceMonitor",
+        }
+    }
+}
+
+pub fn kafka_topic_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("kafka.strimzi.io", "v1", "KafkaTopic"),
+        "kafkatopics",
+    )
+}
+
+pub fn service_monitor_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("monitoring.coreos.com", "v1", "ServiceMonitor"),
+        "servicemonitors",
+    )
+}
+
+pub fn child_name(stack: &str, c: Component) -> String {
+    format!("{stack}-{}", c.as_str())
+}
+
+pub fn config_map_name(stack: &str) -> String {
+    format!("{stack}-config")
+}
+
+/// Kubernetes name (and Kafka topic name) of one topic.
+pub fn topic_name(prefix: &str, topic: &str) -> String {
+    format!("{prefix}.{topic}")
+}
+
+/// Labels that select one component's pods.
+pub fn selector_labels(stack: &str, c: Component) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/instance".to_owned(), stack.to_owned()),
+        (
+            "app.kubernetes.io/component".to_owned(),
+            c.as_str().to_owned(),
+        ),
+    ])
+}
+
+/// Labels on every owned object.
+pub fn common_labels(stack: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/instance".to_owned(), stack.to_owned()),
+        ("app.kubernetes.io/part-of".to_owned(), PART_OF.to_owned()),
+        (
+            "app.kubernetes.io/managed-by".to_owned(),
+            FIELD_MANAGER.to_owned(),
+        ),
+    ])
+}
+
+fn component_labels(stack: &str, c: Component) -> BTreeMap<String, String> {
+    let mut l = common_labels(stack);
+    l.insert(
+        "app.kubernetes.io/name".to_owned(),
+        format!("cqrs-{}", c.as_str()),
+    );
+    l.extend(selector_labels(stack, c));
+    l
+}
+
+fn meta(d: &Desired, name: String, labels: BTreeMap<String, String>) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: Some(d.namespace.clone()),
+        labels: Some(labels),
+        owner_references: Some(vec![d.owner.clone()]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// Every object the stack should own, in apply order (configuration before the workloads that read it).
+pub fn build(d: &Desired) -> Vec<Child> {
+    let spec = d.spec.spec();
+    let config = config_data(d);
+    let hash = config_hash(&config);
+    let mut out = vec![Child::ConfigMap(ConfigMap {
+        metadata: meta(d, config_map_name(&d.name), common_labels(&d.name)),
+        data: Some(config),
+        ..ConfigMap::default()
+    })];
+    for c in Component::ALL {
+        let cs = component_spec(d, c);
+        out.push(Child::Deployment(deployment(d, c, cs, &hash)));
+        out.push(Child::Service(service(d, c)));
+        out.push(Child::PodDisruptionBudget(pdb(d, c)));
+        if cs.autoscaling.is_some() {
+            out.push(Child::HorizontalPodAutoscaler(hpa(d, c, cs)));
+        }
+    }
+    if spec.kafka.topic_mode == TopicMode::Strimzi {
+        for t in TOPICS {
+            out.push(Child::KafkaTopic(kafka_topic(d, t)));
+        }
+    }
+    if spec.monitoring.service_monitor {
+        out.push(Child::ServiceMonitor(service_monitor(d)));
+    }
+    out
+}
+
+fn component_spec(d: &Desired, c: Component) -> &ComponentSpec {
+    let spec = d.spec.spec();
+    match c {
+        Component::Gateway => &spec.gateway,
+        Component::Mutation => &spec.mutation,
+        Component::Query => &spec.query,
+    }
+}
+
+/// Settings shared by the three services (each reads the names it knows).
+pub fn config_data(d: &Desired) -> BTreeMap<String, String> {
+    let spec = d.spec.spec();
+    let url = |c: Component| format!("http://{}:{}", child_name(&d.name, c), c.port());
+    BTreeMap::from([
+        ("LOG_FORMAT".to_owned(), "json".to_owned()),
+        (
+            "GATEWAY_LISTEN".to_owned(),
+            format!("0.0.0.0:{}", Component::Gateway.port()),
+        ),
+        (
+            "MUTATION_LISTEN".to_owned(),
+            format!("0.0.0.0:{}", Component::Mutation.port()),
+        ),
+        (
+            "QUERY_LISTEN".to_owned(),
+            format!("0.0.0.0:{}", Component::Query.port()),
+        ),
+        ("MUTATION_URL".to_owned(), url(Component::Mutation)),
+        ("QUERY_URL".to_owned(), url(Component::Query)),
+        (
+            "KAFKA_BOOTSTRAP".to_owned(),
+            spec.kafka.bootstrap_servers.clone(),
+        ),
+        ("TOPIC_PREFIX".to_owned(), spec.kafka.topic_prefix.clone()),
+        ("MONGO_DB".to_owned(), spec.mongo.database.clone()),
+        (
+            "PROJECTION_GENERATION".to_owned(),
+            spec.projections.generation.to_string(),
+        ),
+    ])
+}
+
+/// FNV-1a over the configuration, without PROJECTION_GENERATION: a generation bump is a rebuild driven
+/// through the query service's admin API, and must not restart the pods that are doing it.
+pub fn config_hash(config: &BTreeMap<String, String>) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for (k, v) in config
+        .iter()
+        .filter(|(k, _)| k.as_str() != "PROJECTION_GENERATION")
+    {
+        for b in k.bytes().chain([0]).chain(v.bytes()).chain([0]) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    format!("{h:016x}")
+}
+
+fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.to_owned(),
+                key: key.to_owned(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn probe(path: &str, period: i32, failure_threshold: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String("http".to_owned()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(2),
+        failure_threshold: Some(failure_threshold),
+        ..Probe::default()
+    }
+}
+
+fn runtime_default() -> SeccompProfile {
+    SeccompProfile {
+        type_: "RuntimeDefault".to_owned(),
+        ..SeccompProfile::default()
+    }
+}
+
+fn deployment(d: &Desired, c: Component, cs: &ComponentSpec, config_hash: &str) -> Deployment {
+    let spec = d.spec.spec();
+    let (image, env, env_from_secret) = match c {
+        Component::Gateway => (
+            &spec.images.gateway,
+            vec![],
+            Some(spec.auth.secret_name.clone()),
+        ),
+        Component::Mutation => (
+            &spec.images.mutation,
+            vec![secret_env(
+                "DATABASE_URL",
+                &spec.postgres.secret_name,
+                &spec.postgres.key,
+            )],
+            None,
+        ),
+        Component::Query => (
+            &spec.images.query,
+            vec![secret_env(
+                "MONGO_URL",
+                &spec.mongo.secret_name,
+                &spec.mongo.key,
+            )],
+            None,
+        ),
+    };
+    let mut env_from = vec![EnvFromSource {
+        config_map_ref: Some(ConfigMapEnvSource {
+            name: config_map_name(&d.name),
+            optional: Some(false),
+        }),
+        ..EnvFromSource::default()
+    }];
+    if let Some(secret) = env_from_secret {
+        env_from.push(EnvFromSource {
+            secret_ref: Some(SecretEnvSource {
+                name: secret,
+                optional: Some(false),
+            }),
+            ..EnvFromSource::default()
+        });
+    }
+    let container = Container {
+        name: c.as_str().to_owned(),
+        image: Some(image.clone()),
+        image_pull_policy: spec.images.pull_policy.map(|p| p.as_str().to_owned()),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".to_owned()),
+            container_port: c.port(),
+            protocol: Some("TCP".to_owned()),
+            ..ContainerPort::default()
+        }]),
+        env_from: Some(env_from),
+        env: if env.is_empty() { None } else { Some(env) },
+        resources: cs.resources.clone(),
+        startup_probe: Some(probe("/healthz", 2, 30)),
+        liveness_probe: Some(probe("/healthz", 10, 3)),
+        readiness_probe: Some(probe("/readyz", 5, 3)),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            run_as_user: Some(RUN_AS),
+            run_as_group: Some(RUN_AS),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                ..Capabilities::default()
+            }),
+            seccomp_profile: Some(runtime_default()),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "tmp".to_owned(),
+            mount_path: "/tmp".to_owned(),
+            ..VolumeMount::default()
+        }]),
+        ..Container::default()
+    };
+    Deployment {
+        metadata: meta(d, child_name(&d.name, c), component_labels(&d.name, c)),
+        spec: Some(DeploymentSpec {
+            // With autoscaling the HPA owns the replica count; leaving the field out of our apply lets it.
+            replicas: if cs.autoscaling.is_some() {
+                None
+            } else {
+                Some(cs.replicas)
+            },
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(&d.name, c)),
+                ..LabelSelector::default()
+            },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".to_owned()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(component_labels(&d.name, c)),
+                    annotations: Some(BTreeMap::from([(
+                        CONFIG_HASH_ANNOTATION.to_owned(),
+                        config_hash.to_owned(),
+                    )])),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    termination_grace_period_seconds: Some(30),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(RUN_AS),
+                        run_as_group: Some(RUN_AS),
+                        seccomp_profile: Some(runtime_default()),
+                        ..PodSecurityContext::default()
+                    }),
+                    volumes: Some(vec![Volume {
+                        name: "tmp".to_owned(),
+                        empty_dir: Some(EmptyDirVolumeSource::default()),
+                        ..Volume::default()
+                    }]),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    }
+}
+
+fn service(d: &Desired, c: Component) -> Service {
+    Service {
+        metadata: meta(d, child_name(&d.name, c), component_labels(&d.name, c)),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".to_owned()),
+            selector: Some(selector_labels(&d.name, c)),
+            ports: Some(vec![ServicePort {
+                name: Some("http".to_owned()),
+                port: c.port(),
+                target_port: Some(IntOrString::String("http".to_owned())),
+                protocol: Some("TCP".to_owned()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+fn pdb(d: &Desired, c: Component) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: meta(d, child_name(&d.name, c), component_labels(&d.name, c)),
+        spec: Some(PodDisruptionBudgetSpec {
+            // At most one pod down by voluntary disruption (node drains); never blocks a drain entirely.
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(&d.name, c)),
+                ..LabelSelector::default()
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    }
+}
+
+fn hpa(d: &Desired, c: Component, cs: &ComponentSpec) -> HorizontalPodAutoscaler {
+    let (min, max, cpu) = cs
+        .autoscaling
+        .as_ref()
+        .map_or((cs.replicas, cs.replicas, 80), |a| {
+            (
+                a.min_replicas,
+                a.max_replicas,
+                a.target_cpu_utilization_percentage,
+            )
+        });
+    HorizontalPodAutoscaler {
+        metadata: meta(d, child_name(&d.name, c), component_labels(&d.name, c)),
+        spec: Some(HorizontalPodAutoscalerSpec {
+            scale_target_ref: CrossVersionObjectReference {
+                api_version: Some("apps/v1".to_owned()),
+                kind: "Deployment".to_owned(),
+                name: child_name(&d.name, c),
+            },
+            min_replicas: Some(min),
+            max_replicas: max,
+            metrics: Some(vec![MetricSpec {
+                type_: "Resource".to_owned(),
+                resource: Some(ResourceMetricSource {
+                    name: "cpu".to_owned(),
+                    target: MetricTarget {
+                        type_: "Utilization".to_owned(),
+                        average_utilization: Some(cpu),
+                        ..MetricTarget::default()
+                    },
+                }),
+                ..MetricSpec::default()
+            }]),
+            ..HorizontalPodAutoscalerSpec::default()
+        }),
+        ..HorizontalPodAutoscaler::default()
+    }
+}
+
+/// Topic configuration: events are kept forever unless the spec says otherwise (projections are rebuilt by
+/// replaying the topics from the beginning).
+pub fn topic_config(d: &Desired) -> BTreeMap<String, String> {
+    let mut config = BTreeMap::from([
+        ("retention.ms".to_owned(), "-1".to_owned()),
+        ("retention.bytes".to_owned(), "-1".to_owned()),
+    ]);
+    config.extend(d.spec.spec().kafka.config.clone());
+    config
+}
+
+fn kafka_topic(d: &Desired, topic: &str) -> DynamicObject {
+    let k = &d.spec.spec().kafka;
+    let name = topic_name(&k.topic_prefix, topic);
+    let mut labels = common_labels(&d.name);
+    labels.insert(
+        "strimzi.io/cluster".to_owned(),
+        k.strimzi_cluster.clone().unwrap_or_default(),
+    );
+    let mut obj = DynamicObject::new(&name, &kafka_topic_resource()).within(&d.namespace);
+    obj.metadata = meta(d, name.clone(), labels);
+    obj.data = json!({
+        "spec": {
+            "topicName": name,
+            "partitions": k.partitions,
+            "replicas": k.replicas,
+            "config": topic_config(d),
+        }
+    });
+    obj
+}
+
+fn service_monitor(d: &Desired) -> DynamicObject {
+    let m = &d.spec.spec().monitoring;
+    let mut endpoint = json!({"port": "http", "path": "/metrics"});
+    if let Some(interval) = &m.interval {
+        endpoint["interval"] = json!(interval);
+    }
+    let mut obj = DynamicObject::new(&d.name, &service_monitor_resource()).within(&d.namespace);
+    obj.metadata = meta(d, d.name.clone(), common_labels(&d.name));
+    obj.data = json!({
+        "spec": {
+            "selector": {"matchLabels": {
+                "app.kubernetes.io/instance": d.name,
+                "app.kubernetes.io/part-of": PART_OF,
+            }},
+            "endpoints": [endpoint],
+        }
+    });
+    obj
+}

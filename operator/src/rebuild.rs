@@ -1,0 +1,100 @@
+//! Projection rebuilds, driven through the query service's admin API:
+//! `POST {query}/admin/projections/rebuild {"generation":N}` (idempotent for the same N; another N cancels and
+//! replaces) and `GET {query}/admin/projections` → `{"serving":G,"rebuild":{...}|null}`.
+//!
+//! The state that matters (serving and target generation) lives in the CqrsStack status and in the query
+//! service, so an operator restart simply continues polling.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("query admin API at {url}: {source}")]
+    Http { url: String, source: reqwest::Error },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProjectionsState {
+    pub serving: i64,
+    #[serde(default)]
+    pub rebuild: Option<RebuildState>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RebuildState {
+    pub generation: i64,
+    /// running | caughtUp | switched | cancelled | failed
+    pub state: String,
+    #[serde(default)]
+    pub progress: Option<f64>,
+    #[serde(default)]
+    pub lag: Option<i64>,
+}
+
+#[derive(Clone)]
+pub struct AdminClient {
+    http: reqwest::Client,
+    template: String,
+}
+
+impl AdminClient {
+    /// `template` has `{name}` and `{namespace}` placeholders, e.g. `http://{name}-query.{namespace}.svc:3125`.
+    pub fn new(template: impl Into<String>, timeout: Duration) -> Result<Self, reqwest::Error> {
+        Ok(Self {
+            http: reqwest::Client::builder().timeout(timeout).build()?,
+            template: template.into(),
+        })
+    }
+
+    pub fn base_url(&self, name: &str, namespace: &str) -> String {
+        self.template
+            .replace("{name}", name)
+            .replace("{namespace}", namespace)
+            .trim_end_matches('/')
+            .to_owned()
+    }
+
+    pub async fn state(&self, name: &str, namespace: &str) -> Result<ProjectionsState, AdminError> {
+        let url = format!("{}/admin/projections", self.base_url(name, namespace));
+        let fail = |source| AdminError::Http {
+            url: url.clone(),
+            source,
+        };
+        self.http
+            .get(&url)
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .map_err(fail)?
+            .json()
+            .await
+            .map_err(fail)
+    }
+
+    pub async fn start(
+        &self,
+        name: &str,
+        namespace: &str,
+        generation: i64,
+    ) -> Result<(), AdminError> {
+        let url = format!(
+            "{}/admin/projections/rebuild",
+            self.base_url(name, namespace)
+        );
+        let fail = |source| AdminError::Http {
+            url: url.clone(),
+            source,
+        };
+        self.http
+            .post(&url)
+            .json(&serde_json::json!({ "generation": generation }))
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .map_err(fail)?;
+        Ok(())
+    }
+}
