@@ -52,7 +52,7 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
             return v.clone();
         }
     }
-    let id = uuid::Uuid::new_v4();
+    let id = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
     let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
     HeaderValue::from_str(id.hyphenated().encode_lower(&mut buf))
         .unwrap_or(HeaderValue::from_static("invalid"))
@@ -61,16 +61,21 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
 /// The `traceparent` to send upstream: the client's trace id and flags with the gateway as the new parent
 /// span, or a new trace when the client sent none or a malformed one (W3C Trace Context level 1).
 pub fn traceparent(headers: &HeaderMap) -> HeaderValue {
-    let span = uuid::Uuid::new_v4();
-    let span = &span.as_bytes()[..8];
+    // A thread-local CSPRNG (rand's ThreadRng): ids need uniqueness, not a getrandom syscall per request.
+    let mut span: [u8; 8] = rand::random();
+    span[7] |= 1; // never the invalid all-zero id
     let (trace, flags) = match headers
         .get(&TRACEPARENT)
         .and_then(|v| parse_traceparent(v.as_bytes()))
     {
         Some((trace, flags)) => (trace, flags),
-        None => (*uuid::Uuid::new_v4().as_bytes(), 0x01),
+        None => {
+            let mut trace: [u8; 16] = rand::random();
+            trace[15] |= 1;
+            (trace, 0x01)
+        }
     };
-    let s = format!("00-{}-{}-{:02x}", hex(&trace), hex(span), flags);
+    let s = format!("00-{}-{}-{:02x}", hex(&trace), hex(&span), flags);
     HeaderValue::from_str(&s).unwrap_or(HeaderValue::from_static("invalid"))
 }
 
