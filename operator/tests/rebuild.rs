@@ -1,0 +1,182 @@
+//! Projection rebuilds end to end against a real API server. The query service's admin API is played by a
+//! small real HTTP server in this test that implements the contract (a state machine), because the query
+//! service is built concurrently by another team; its progress only advances when the test allows it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+
+use axum::{Json, Router, extract::State, routing::{get, post}};
+use k8s_openapi::api::{apps::v1::Deployment, core::v1::ConfigMap};
+use kube::{Api, api::{Patch, PatchParams, PostParams}};
+use serde_json::{Value, json};
+use support::*;
+
+use cqrs_operator::crd::CqrsStack;
+
+#[derive(Default)]
+struct Admin {
+    serving: i64,
+    /// (generation, state, progress, lag)
+    rebuild: Option<(i64, String, f64, i64)>,
+    /// How many more GETs may advance the rebuild.
+    permits: u32,
+    posts: Vec<i64>,
+    cancelled: Vec<i64>,
+}
+
+type Shared = Arc<Mutex<Admin>>;
+
+async fn start_rebuild(State(s): State<Shared>, Json(body): Json<Value>) -> Json<Value> {
+    let n = body["generation"].as_i64().expect("generation");
+    let mut a = s.lock().unwrap();
+    a.posts.push(n);
+    let same = a.rebuild.as_ref().is_some_and(|r| r.0 == n && r.1 != "cancelled" && r.1 != "failed");
+    if !same && n != a.serving {
+        if let Some(r) = a.rebuild.take() {
+            if r.1 == "running" || r.1 == "caughtUp" {
+                a.cancelled.push(r.0);
+            }
+        }
+        a.rebuild = Some((n, "running".into(), 0.0, 100));
+    }
+    Json(json!({"generation": n}))
+}
+
+async fn projections(State(s): State<Shared>) -> Json<Value> {
+    let mut a = s.lock().unwrap();
+    if a.permits > 0 {
+        if let Some(r) = a.rebuild.clone() {
+            a.permits -= 1;
+            let next = match r.1.as_str() {
+                "running" if r.2 + 0.5 >= 1.0 => Some((r.0, "caughtUp".to_owned(), 1.0, 0)),
+                "running" => Some((r.0, "running".to_owned(), r.2 + 0.5, r.3 / 2)),
+                "caughtUp" => {
+                    a.serving = r.0;
+                    Some((r.0, "switched".to_owned(), 1.0, 0))
+                }
+                _ => Some(r.clone()),
+            };
+            a.rebuild = next;
+        }
+    }
+    let rebuild = a.rebuild.as_ref().map(|r| json!({"generation": r.0, "state": r.1, "progress": r.2, "lag": r.3}));
+    Json(json!({"serving": a.serving, "rebuild": rebuild}))
+}
+
+async fn admin_server(state: Shared) -> String {
+    let app = Router::new()
+        .route("/admin/projections", get(projections))
+        .route("/admin/projections/rebuild", post(start_rebuild))
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}")
+}
+
+async fn wait_projection(stacks: &Api<CqrsStack>, what: &str, f: impl Fn(&CqrsStack) -> bool) -> CqrsStack {
+    wait_for(what, TIMEOUT, || async {
+        let s = stacks.get("rb").await.ok()?;
+        f(&s).then_some(s)
+    })
+    .await
+}
+
+fn rebuilding(s: &CqrsStack) -> Option<(String, String)> {
+    condition(s, "Rebuilding").map(|c| (c.0, c.1))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generation_bump_drives_a_rebuild_that_survives_restarts_and_can_be_replaced() {
+    let client = client().await;
+    let ns = namespace(&client, "rebuild").await;
+    let admin: Shared = Arc::new(Mutex::new(Admin { serving: 1, ..Admin::default() }));
+    let url = admin_server(admin.clone()).await;
+    let config = cqrs_operator::Config { query_url_template: url, ..config_for(&ns) };
+    let op = Operator::start(client.clone(), config.clone());
+    let stacks: Api<CqrsStack> = Api::namespaced(client.clone(), &ns);
+    stacks.create(&PostParams::default(), &sample_stack("rb")).await.expect("create");
+    wait_projection(&stacks, "serving 1", |s| {
+        s.status.as_ref().and_then(|st| st.projections.as_ref()).and_then(|p| p.serving) == Some(1)
+    })
+    .await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let hash = |d: Deployment| d.spec.unwrap().template.metadata.unwrap().annotations.unwrap()["cqrs.dev/config-hash"].clone();
+    let hash_before = hash(deployments.get("rb-query").await.unwrap());
+
+    // Bump: the operator starts generation 2 and reports it running.
+    let pp = PatchParams::default();
+    stacks.patch("rb", &pp, &Patch::Merge(json!({"spec": {"projections": {"generation": 2}}}))).await.expect("bump");
+    wait_projection(&stacks, "rebuild 2 running", |s| {
+        rebuilding(s) == Some(("True".into(), "Running".into()))
+            && s.status.as_ref().and_then(|st| st.projections.as_ref()).and_then(|p| p.target) == Some(2)
+    })
+    .await;
+    assert_eq!(admin.lock().unwrap().posts, vec![2]);
+
+    // Progress is reported in status.
+    admin.lock().unwrap().permits = 1;
+    let s = wait_projection(&stacks, "progress 0.5", |s| {
+        s.status.as_ref().and_then(|st| st.projections.as_ref()).and_then(|p| p.progress) == Some(0.5)
+    })
+    .await;
+    let p = s.status.unwrap().projections.unwrap();
+    assert_eq!((p.serving, p.target, p.state.as_deref(), p.lag), (Some(1), Some(2), Some("running"), Some(50)));
+
+    // Operator restart: the new instance continues from status and the query service, without a new POST.
+    op.stop().await;
+    let op = Operator::start(client.clone(), config.clone());
+    wait_for("restarted operator reconciled", TIMEOUT, || async {
+        (op.metric("cqrs_operator_reconciles_total") >= 2.0).then_some(())
+    })
+    .await;
+    assert_eq!(admin.lock().unwrap().posts, vec![2], "an idempotent continuation, not a restart of the rebuild");
+    let s = stacks.get("rb").await.unwrap();
+    assert_eq!(rebuilding(&s), Some(("True".into(), "Running".into())));
+
+    // A second bump while 2 is running replaces it.
+    stacks.patch("rb", &pp, &Patch::Merge(json!({"spec": {"projections": {"generation": 3}}}))).await.expect("bump again");
+    wait_for("rebuild 3 replaces 2", TIMEOUT, || async {
+        let a = admin.lock().unwrap();
+        (a.posts == vec![2, 3] && a.cancelled == vec![2]).then_some(())
+    })
+    .await;
+
+    // Let it finish: caught up, switched, and the status flips.
+    admin.lock().unwrap().permits = 100;
+    let s = wait_projection(&stacks, "serving 3", |s| {
+        rebuilding(s) == Some(("False".into(), "RebuildComplete".into()))
+    })
+    .await;
+    let p = s.status.unwrap().projections.unwrap();
+    assert_eq!((p.serving, p.target, p.state), (Some(3), Some(3), None));
+    assert_eq!(admin.lock().unwrap().serving, 3);
+
+    // The ConfigMap carries the generation, but the pods were not restarted for it (same config hash).
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), &ns).get("rb-config").await.unwrap();
+    assert_eq!(cm.data.unwrap()["PROJECTION_GENERATION"], "3");
+    assert_eq!(hash(deployments.get("rb-query").await.unwrap()), hash_before);
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_query_service_is_reported_not_fatal() {
+    let client = client().await;
+    let ns = namespace(&client, "rebuild-down").await;
+    // Nothing listens on this port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = cqrs_operator::Config { query_url_template: format!("http://127.0.0.1:{port}"), ..config_for(&ns) };
+    let _op = Operator::start(client.clone(), config);
+    let stacks: Api<CqrsStack> = Api::namespaced(client.clone(), &ns);
+    stacks.create(&PostParams::default(), &sample_stack("rb")).await.expect("create");
+    wait_projection(&stacks, "initial status", |s| rebuilding(s).is_some()).await;
+    stacks
+        .patch("rb", &PatchParams::default(), &Patch::Merge(json!({"spec": {"projections": {"generation": 2}}})))
+        .await
+        .expect("bump");
+    let s = wait_projection(&stacks, "QueryUnreachable", |s| rebuilding(s) == Some(("True".into(), "QueryUnreachable".into()))).await;
+    // The rest of the stack is still reconciled.
+    assert_eq!(condition(&s, "Ready").map(|c| c.1), Some("DeploymentsNotReady".to_owned()));
+}
