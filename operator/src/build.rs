@@ -252,6 +252,20 @@ pub fn config_data(d: &Desired) -> BTreeMap<String, String> {
             "PROJECTION_GENERATION".to_owned(),
             spec.projections.generation.to_string(),
         ),
+        // Topic mode direct: mutation creates missing topics through the Kafka admin API at startup.
+        // Strimzi mode: the operator's KafkaTopics own them, so the services must not create them.
+        (
+            "CREATE_TOPICS".to_owned(),
+            (spec.kafka.topic_mode == TopicMode::Direct).to_string(),
+        ),
+        (
+            "TOPIC_PARTITIONS".to_owned(),
+            spec.kafka.partitions.to_string(),
+        ),
+        (
+            "TOPIC_REPLICATION".to_owned(),
+            spec.kafka.replicas.to_string(),
+        ),
     ])
 }
 

@@ -465,7 +465,9 @@ async fn apply(obj: &CqrsStack, ctx: &Context) -> Result<Action, Error> {
     if spec.kafka.topic_mode == TopicMode::Strimzi {
         for t in TOPICS {
             let topic = build::topic_name(&spec.kafka.topic_prefix, t);
-            let Some(existing) = topic_api.get_opt(&topic).await? else { continue };
+            let Some(existing) = topic_api.get_opt(&topic).await? else {
+                continue;
+            };
             if let Some(rv) = existing.resource_version() {
                 read_versions.insert(topic.clone(), rv);
             }
@@ -502,7 +504,9 @@ async fn apply(obj: &CqrsStack, ctx: &Context) -> Result<Action, Error> {
                 if decreased.is_empty() {
                     let mut o = o.clone();
                     o.metadata.resource_version = read_versions.get(&child.name()).cloned();
-                    topics.push(apply_dynamic(&ctx.client, &ns, &build::kafka_topic_resource(), &o).await?);
+                    topics.push(
+                        apply_dynamic(&ctx.client, &ns, &build::kafka_topic_resource(), &o).await?,
+                    );
                 }
             }
             Child::ServiceMonitor(o) => {
@@ -575,8 +579,9 @@ async fn apply(obj: &CqrsStack, ctx: &Context) -> Result<Action, Error> {
         conds.set(
             conditions::TOPICS_READY,
             "Unknown",
-            "NotManaged",
-            "kafka.topicMode is direct: the operator does not create topics; create them with the Kafka admin API",
+            "CreatedByMutation",
+            "kafka.topicMode is direct: the mutation service creates missing topics with the Kafka admin API \
+             at startup (CREATE_TOPICS=true); the operator does not manage their partitions",
         );
         (true, "", String::new())
     } else if !decreased.is_empty() {

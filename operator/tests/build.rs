@@ -65,7 +65,10 @@ fn container(d: &Deployment) -> Container {
 }
 
 fn kinds(children: &[Child]) -> Vec<(String, String)> {
-    children.iter().map(|c| (c.kind().to_owned(), c.name())).collect()
+    children
+        .iter()
+        .map(|c| (c.kind().to_owned(), c.name()))
+        .collect()
 }
 
 #[test]
@@ -105,11 +108,26 @@ fn builds_every_object_with_owner_and_labels() {
         }
         .unwrap();
         assert_eq!(v["metadata"]["namespace"], "prod", "{}", c.name());
-        assert_eq!(v["metadata"]["ownerReferences"][0]["uid"], "uid-1", "{}", c.name());
+        assert_eq!(
+            v["metadata"]["ownerReferences"][0]["uid"],
+            "uid-1",
+            "{}",
+            c.name()
+        );
         assert_eq!(v["metadata"]["ownerReferences"][0]["controller"], true);
-        assert_eq!(v["metadata"]["labels"]["app.kubernetes.io/instance"], "shop");
-        assert_eq!(v["metadata"]["labels"]["app.kubernetes.io/managed-by"], "cqrs-operator");
-        assert!(v["apiVersion"].is_string() && v["kind"].is_string(), "apply needs apiVersion/kind: {}", c.name());
+        assert_eq!(
+            v["metadata"]["labels"]["app.kubernetes.io/instance"],
+            "shop"
+        );
+        assert_eq!(
+            v["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+            "cqrs-operator"
+        );
+        assert!(
+            v["apiVersion"].is_string() && v["kind"].is_string(),
+            "apply needs apiVersion/kind: {}",
+            c.name()
+        );
     }
 }
 
@@ -118,18 +136,41 @@ fn replicas_images_pull_policy_and_resources() {
     let children = build(&desired(spec_json()));
     let gw = deployment(&children, "shop-gateway");
     assert_eq!(gw.spec.as_ref().unwrap().replicas, Some(2));
-    assert_eq!(deployment(&children, "shop-mutation").spec.unwrap().replicas, Some(3));
+    assert_eq!(
+        deployment(&children, "shop-mutation")
+            .spec
+            .unwrap()
+            .replicas,
+        Some(3)
+    );
     // Autoscaled: replicas left to the HPA.
-    assert_eq!(deployment(&children, "shop-query").spec.unwrap().replicas, None);
+    assert_eq!(
+        deployment(&children, "shop-query").spec.unwrap().replicas,
+        None
+    );
     let c = container(&gw);
     assert_eq!(c.image.as_deref(), Some("reg/gw:1"));
     assert_eq!(c.image_pull_policy.as_deref(), Some("IfNotPresent"));
     let r = c.resources.unwrap();
     assert_eq!(r.requests.unwrap()["cpu"].0, "100m");
     assert_eq!(r.limits.unwrap()["memory"].0, "256Mi");
-    assert_eq!(container(&deployment(&children, "shop-mutation")).image.as_deref(), Some("reg/mu:1"));
-    assert_eq!(container(&deployment(&children, "shop-query")).image.as_deref(), Some("reg/qu:1"));
-    assert!(container(&deployment(&children, "shop-mutation")).resources.is_none());
+    assert_eq!(
+        container(&deployment(&children, "shop-mutation"))
+            .image
+            .as_deref(),
+        Some("reg/mu:1")
+    );
+    assert_eq!(
+        container(&deployment(&children, "shop-query"))
+            .image
+            .as_deref(),
+        Some("reg/qu:1")
+    );
+    assert!(
+        container(&deployment(&children, "shop-mutation"))
+            .resources
+            .is_none()
+    );
 }
 
 #[test]
@@ -146,18 +187,34 @@ fn autoscaling_becomes_an_hpa() {
     assert_eq!((s.min_replicas, s.max_replicas), (Some(2), 6));
     assert_eq!(s.scale_target_ref.name, "shop-query");
     let m = &s.metrics.unwrap()[0];
-    assert_eq!(m.resource.as_ref().unwrap().target.average_utilization, Some(70));
+    assert_eq!(
+        m.resource.as_ref().unwrap().target.average_utilization,
+        Some(70)
+    );
 }
 
 #[test]
 fn probes_ports_and_restricted_security_context() {
     let children = build(&desired(spec_json()));
-    for (name, port) in [("shop-gateway", 3123), ("shop-mutation", 3124), ("shop-query", 3125)] {
+    for (name, port) in [
+        ("shop-gateway", 3123),
+        ("shop-mutation", 3124),
+        ("shop-query", 3125),
+    ] {
         let d = deployment(&children, name);
         let pod = d.spec.clone().unwrap().template.spec.unwrap();
         let c = container(&d);
         assert_eq!(c.ports.as_ref().unwrap()[0].container_port, port);
-        let path = |p: &Option<k8s_openapi::api::core::v1::Probe>| p.as_ref().unwrap().http_get.as_ref().unwrap().path.clone().unwrap();
+        let path = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+            p.as_ref()
+                .unwrap()
+                .http_get
+                .as_ref()
+                .unwrap()
+                .path
+                .clone()
+                .unwrap()
+        };
         assert_eq!(path(&c.readiness_probe), "/readyz");
         assert_eq!(path(&c.liveness_probe), "/healthz");
         assert_eq!(path(&c.startup_probe), "/healthz");
@@ -200,6 +257,9 @@ fn configuration_and_secrets_reach_the_right_service() {
             ("TOPIC_PREFIX", "shop"),
             ("MONGO_DB", "reads"),
             ("PROJECTION_GENERATION", "7"),
+            ("CREATE_TOPICS", "false"),
+            ("TOPIC_PARTITIONS", "12"),
+            ("TOPIC_REPLICATION", "3"),
         ]
         .map(|(k, v)| (k.to_owned(), v.to_owned())),
     );
@@ -210,24 +270,51 @@ fn configuration_and_secrets_reach_the_right_service() {
         assert_eq!(from[0].config_map_ref.as_ref().unwrap().name, "shop-config");
     }
     let gw = container(&deployment(&children, "shop-gateway"));
-    assert_eq!(gw.env_from.unwrap()[1].secret_ref.as_ref().unwrap().name, "auth-secret");
+    assert_eq!(
+        gw.env_from.unwrap()[1].secret_ref.as_ref().unwrap().name,
+        "auth-secret"
+    );
     let secret = |c: &Container, var: &str| {
-        let e = c.env.as_ref().unwrap().iter().find(|e| e.name == var).unwrap().clone();
+        let e = c
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|e| e.name == var)
+            .unwrap()
+            .clone();
         let s = e.value_from.unwrap().secret_key_ref.unwrap();
         (s.name, s.key)
     };
     let mu = container(&deployment(&children, "shop-mutation"));
-    assert_eq!(secret(&mu, "DATABASE_URL"), ("pg-secret".to_owned(), "dsn".to_owned()));
+    assert_eq!(
+        secret(&mu, "DATABASE_URL"),
+        ("pg-secret".to_owned(), "dsn".to_owned())
+    );
     let qu = container(&deployment(&children, "shop-query"));
-    assert_eq!(secret(&qu, "MONGO_URL"), ("mongo-secret".to_owned(), "url".to_owned()));
-    assert!(mu.env.unwrap().iter().all(|e| e.name != "MONGO_URL"), "each service gets only its own secrets");
+    assert_eq!(
+        secret(&qu, "MONGO_URL"),
+        ("mongo-secret".to_owned(), "url".to_owned())
+    );
+    assert!(
+        mu.env.unwrap().iter().all(|e| e.name != "MONGO_URL"),
+        "each service gets only its own secrets"
+    );
 }
 
 #[test]
 fn config_hash_rolls_pods_on_config_change_but_not_on_generation_bump() {
     let base = build(&desired(spec_json()));
     let hash = |children: &[Child]| {
-        deployment(children, "shop-query").spec.unwrap().template.metadata.unwrap().annotations.unwrap()["cqrs.dev/config-hash"].clone()
+        deployment(children, "shop-query")
+            .spec
+            .unwrap()
+            .template
+            .metadata
+            .unwrap()
+            .annotations
+            .unwrap()["cqrs.dev/config-hash"]
+            .clone()
     };
     let mut bumped = spec_json();
     bumped["projections"]["generation"] = json!(8);
@@ -256,7 +343,10 @@ fn kafka_topics_strimzi_mode() {
         assert_eq!(t["spec"]["topicName"], t["metadata"]["name"]);
         assert_eq!(t["spec"]["partitions"], 12);
         assert_eq!(t["spec"]["replicas"], 3);
-        assert_eq!(t["spec"]["config"]["retention.ms"], "-1", "events are kept forever by default");
+        assert_eq!(
+            t["spec"]["config"]["retention.ms"], "-1",
+            "events are kept forever by default"
+        );
         assert_eq!(t["spec"]["config"]["retention.bytes"], "-1");
         assert_eq!(t["spec"]["config"]["min.insync.replicas"], "2");
     }
@@ -277,8 +367,23 @@ fn direct_mode_and_no_monitoring_build_no_topics_or_servicemonitor() {
     v["kafka"]["topicMode"] = json!("direct");
     v["monitoring"] = json!({"serviceMonitor": false});
     v["query"] = json!({"replicas": 2});
-    let got = kinds(&build(&desired(v)));
-    assert!(got.iter().all(|(k, _)| k != "KafkaTopic" && k != "ServiceMonitor" && k != "HorizontalPodAutoscaler"), "{got:?}");
+    let children = build(&desired(v));
+    let cm = children.iter().find_map(|c| match c {
+        Child::ConfigMap(c) => c.data.clone(),
+        _ => None,
+    });
+    assert_eq!(
+        cm.unwrap()["CREATE_TOPICS"],
+        "true",
+        "in direct mode mutation creates the topics"
+    );
+    let got = kinds(&children);
+    assert!(
+        got.iter().all(|(k, _)| k != "KafkaTopic"
+            && k != "ServiceMonitor"
+            && k != "HorizontalPodAutoscaler"),
+        "{got:?}"
+    );
     assert_eq!(got.len(), 10);
 }
 
@@ -293,19 +398,34 @@ fn service_monitor_and_services() {
         })
         .unwrap();
     assert_eq!(sm["apiVersion"], "monitoring.coreos.com/v1");
-    assert_eq!(sm["spec"]["endpoints"][0], json!({"port": "http", "path": "/metrics", "interval": "15s"}));
-    assert_eq!(sm["spec"]["selector"]["matchLabels"]["app.kubernetes.io/instance"], "shop");
+    assert_eq!(
+        sm["spec"]["endpoints"][0],
+        json!({"port": "http", "path": "/metrics", "interval": "15s"})
+    );
+    assert_eq!(
+        sm["spec"]["selector"]["matchLabels"]["app.kubernetes.io/instance"],
+        "shop"
+    );
     for c in &children {
         if let Child::Service(s) = c {
             let spec = s.spec.clone().unwrap();
             let port = &spec.ports.unwrap()[0];
             assert_eq!(port.name.as_deref(), Some("http"));
-            assert_eq!(spec.selector.unwrap()["app.kubernetes.io/component"], s.metadata.name.clone().unwrap().trim_start_matches("shop-"));
+            assert_eq!(
+                spec.selector.unwrap()["app.kubernetes.io/component"],
+                s.metadata.name.clone().unwrap().trim_start_matches("shop-")
+            );
             // The ServiceMonitor selects Services by part-of.
-            assert_eq!(s.metadata.labels.clone().unwrap()["app.kubernetes.io/part-of"], "cqrs-stack");
+            assert_eq!(
+                s.metadata.labels.clone().unwrap()["app.kubernetes.io/part-of"],
+                "cqrs-stack"
+            );
         }
         if let Child::PodDisruptionBudget(p) = c {
-            assert_eq!(p.spec.clone().unwrap().max_unavailable, Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1)));
+            assert_eq!(
+                p.spec.clone().unwrap().max_unavailable,
+                Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
+            );
         }
     }
 }
@@ -317,10 +437,23 @@ fn defaults_fill_an_minimal_spec() {
         "postgres": {"secretName": "pg"}, "mongo": {"secretName": "mo"}, "auth": {"secretName": "au"},
         "kafka": {"bootstrapServers": "k:9092", "strimziCluster": "c"}
     }));
-    assert_eq!((s.gateway.replicas, s.mutation.replicas, s.query.replicas), (1, 1, 1));
-    assert_eq!((s.kafka.partitions, s.kafka.replicas, s.kafka.topic_prefix.as_str()), (6, 3, "cqrs"));
+    assert_eq!(
+        (s.gateway.replicas, s.mutation.replicas, s.query.replicas),
+        (1, 1, 1)
+    );
+    assert_eq!(
+        (
+            s.kafka.partitions,
+            s.kafka.replicas,
+            s.kafka.topic_prefix.as_str()
+        ),
+        (6, 3, "cqrs")
+    );
     assert_eq!(s.kafka.deletion_policy, DeletionPolicy::Retain);
-    assert_eq!((s.postgres.key.as_str(), s.mongo.database.as_str()), ("url", "cqrs"));
+    assert_eq!(
+        (s.postgres.key.as_str(), s.mongo.database.as_str()),
+        ("url", "cqrs")
+    );
     assert_eq!(s.projections.generation, 1);
     assert!(!s.monitoring.service_monitor);
     validate("x", &s).expect("minimal spec is valid");

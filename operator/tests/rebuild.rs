@@ -7,9 +7,16 @@ mod support;
 
 use std::sync::{Arc, Mutex};
 
-use axum::{Json, Router, extract::State, routing::{get, post}};
+use axum::{
+    Json, Router,
+    extract::State,
+    routing::{get, post},
+};
 use k8s_openapi::api::{apps::v1::Deployment, core::v1::ConfigMap};
-use kube::{Api, api::{Patch, PatchParams, PostParams}};
+use kube::{
+    Api,
+    api::{Patch, PatchParams, PostParams},
+};
 use serde_json::{Value, json};
 use support::*;
 
@@ -32,7 +39,10 @@ async fn start_rebuild(State(s): State<Shared>, Json(body): Json<Value>) -> Json
     let n = body["generation"].as_i64().expect("generation");
     let mut a = s.lock().unwrap();
     a.posts.push(n);
-    let same = a.rebuild.as_ref().is_some_and(|r| r.0 == n && r.1 != "cancelled" && r.1 != "failed");
+    let same = a
+        .rebuild
+        .as_ref()
+        .is_some_and(|r| r.0 == n && r.1 != "cancelled" && r.1 != "failed");
     if !same && n != a.serving {
         if let Some(r) = a.rebuild.take() {
             if r.1 == "running" || r.1 == "caughtUp" {
@@ -61,7 +71,10 @@ async fn projections(State(s): State<Shared>) -> Json<Value> {
             a.rebuild = next;
         }
     }
-    let rebuild = a.rebuild.as_ref().map(|r| json!({"generation": r.0, "state": r.1, "progress": r.2, "lag": r.3}));
+    let rebuild = a
+        .rebuild
+        .as_ref()
+        .map(|r| json!({"generation": r.0, "state": r.1, "progress": r.2, "lag": r.3}));
     Json(json!({"serving": a.serving, "rebuild": rebuild}))
 }
 
@@ -76,7 +89,11 @@ async fn admin_server(state: Shared) -> String {
     format!("http://{addr}")
 }
 
-async fn wait_projection(stacks: &Api<CqrsStack>, what: &str, f: impl Fn(&CqrsStack) -> bool) -> CqrsStack {
+async fn wait_projection(
+    stacks: &Api<CqrsStack>,
+    what: &str,
+    f: impl Fn(&CqrsStack) -> bool,
+) -> CqrsStack {
     wait_for(what, TIMEOUT, || async {
         let s = stacks.get("rb").await.ok()?;
         f(&s).then_some(s)
@@ -92,26 +109,59 @@ fn rebuilding(s: &CqrsStack) -> Option<(String, String)> {
 async fn generation_bump_drives_a_rebuild_that_survives_restarts_and_can_be_replaced() {
     let client = client().await;
     let ns = namespace(&client, "rebuild").await;
-    let admin: Shared = Arc::new(Mutex::new(Admin { serving: 1, ..Admin::default() }));
+    let admin: Shared = Arc::new(Mutex::new(Admin {
+        serving: 1,
+        ..Admin::default()
+    }));
     let url = admin_server(admin.clone()).await;
-    let config = cqrs_operator::Config { query_url_template: url, ..config_for(&ns) };
+    let config = cqrs_operator::Config {
+        query_url_template: url,
+        ..config_for(&ns)
+    };
     let op = Operator::start(client.clone(), config.clone());
     let stacks: Api<CqrsStack> = Api::namespaced(client.clone(), &ns);
-    stacks.create(&PostParams::default(), &sample_stack("rb")).await.expect("create");
+    stacks
+        .create(&PostParams::default(), &sample_stack("rb"))
+        .await
+        .expect("create");
     wait_projection(&stacks, "serving 1", |s| {
-        s.status.as_ref().and_then(|st| st.projections.as_ref()).and_then(|p| p.serving) == Some(1)
+        s.status
+            .as_ref()
+            .and_then(|st| st.projections.as_ref())
+            .and_then(|p| p.serving)
+            == Some(1)
     })
     .await;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-    let hash = |d: Deployment| d.spec.unwrap().template.metadata.unwrap().annotations.unwrap()["cqrs.dev/config-hash"].clone();
+    let hash = |d: Deployment| {
+        d.spec
+            .unwrap()
+            .template
+            .metadata
+            .unwrap()
+            .annotations
+            .unwrap()["cqrs.dev/config-hash"]
+            .clone()
+    };
     let hash_before = hash(deployments.get("rb-query").await.unwrap());
 
     // Bump: the operator starts generation 2 and reports it running.
     let pp = PatchParams::default();
-    stacks.patch("rb", &pp, &Patch::Merge(json!({"spec": {"projections": {"generation": 2}}}))).await.expect("bump");
+    stacks
+        .patch(
+            "rb",
+            &pp,
+            &Patch::Merge(json!({"spec": {"projections": {"generation": 2}}})),
+        )
+        .await
+        .expect("bump");
     wait_projection(&stacks, "rebuild 2 running", |s| {
         rebuilding(s) == Some(("True".into(), "Running".into()))
-            && s.status.as_ref().and_then(|st| st.projections.as_ref()).and_then(|p| p.target) == Some(2)
+            && s.status
+                .as_ref()
+                .and_then(|st| st.projections.as_ref())
+                .and_then(|p| p.target)
+                == Some(2)
     })
     .await;
     assert_eq!(admin.lock().unwrap().posts, vec![2]);
@@ -119,11 +169,18 @@ async fn generation_bump_drives_a_rebuild_that_survives_restarts_and_can_be_repl
     // Progress is reported in status.
     admin.lock().unwrap().permits = 1;
     let s = wait_projection(&stacks, "progress 0.5", |s| {
-        s.status.as_ref().and_then(|st| st.projections.as_ref()).and_then(|p| p.progress) == Some(0.5)
+        s.status
+            .as_ref()
+            .and_then(|st| st.projections.as_ref())
+            .and_then(|p| p.progress)
+            == Some(0.5)
     })
     .await;
     let p = s.status.unwrap().projections.unwrap();
-    assert_eq!((p.serving, p.target, p.state.as_deref(), p.lag), (Some(1), Some(2), Some("running"), Some(50)));
+    assert_eq!(
+        (p.serving, p.target, p.state.as_deref(), p.lag),
+        (Some(1), Some(2), Some("running"), Some(50))
+    );
 
     // Operator restart: the new instance continues from status and the query service, without a new POST.
     op.stop().await;
@@ -132,12 +189,23 @@ async fn generation_bump_drives_a_rebuild_that_survives_restarts_and_can_be_repl
         (op.metric("cqrs_operator_reconciles_total") >= 2.0).then_some(())
     })
     .await;
-    assert_eq!(admin.lock().unwrap().posts, vec![2], "an idempotent continuation, not a restart of the rebuild");
+    assert_eq!(
+        admin.lock().unwrap().posts,
+        vec![2],
+        "an idempotent continuation, not a restart of the rebuild"
+    );
     let s = stacks.get("rb").await.unwrap();
     assert_eq!(rebuilding(&s), Some(("True".into(), "Running".into())));
 
     // A second bump while 2 is running replaces it.
-    stacks.patch("rb", &pp, &Patch::Merge(json!({"spec": {"projections": {"generation": 3}}}))).await.expect("bump again");
+    stacks
+        .patch(
+            "rb",
+            &pp,
+            &Patch::Merge(json!({"spec": {"projections": {"generation": 3}}})),
+        )
+        .await
+        .expect("bump again");
     wait_for("rebuild 3 replaces 2", TIMEOUT, || async {
         let a = admin.lock().unwrap();
         (a.posts == vec![2, 3] && a.cancelled == vec![2]).then_some(())
@@ -155,9 +223,15 @@ async fn generation_bump_drives_a_rebuild_that_survives_restarts_and_can_be_repl
     assert_eq!(admin.lock().unwrap().serving, 3);
 
     // The ConfigMap carries the generation, but the pods were not restarted for it (same config hash).
-    let cm = Api::<ConfigMap>::namespaced(client.clone(), &ns).get("rb-config").await.unwrap();
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), &ns)
+        .get("rb-config")
+        .await
+        .unwrap();
     assert_eq!(cm.data.unwrap()["PROJECTION_GENERATION"], "3");
-    assert_eq!(hash(deployments.get("rb-query").await.unwrap()), hash_before);
+    assert_eq!(
+        hash(deployments.get("rb-query").await.unwrap()),
+        hash_before
+    );
     op.stop().await;
 }
 
@@ -166,17 +240,37 @@ async fn unreachable_query_service_is_reported_not_fatal() {
     let client = client().await;
     let ns = namespace(&client, "rebuild-down").await;
     // Nothing listens on this port.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let config = cqrs_operator::Config { query_url_template: format!("http://127.0.0.1:{port}"), ..config_for(&ns) };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = cqrs_operator::Config {
+        query_url_template: format!("http://127.0.0.1:{port}"),
+        ..config_for(&ns)
+    };
     let _op = Operator::start(client.clone(), config);
     let stacks: Api<CqrsStack> = Api::namespaced(client.clone(), &ns);
-    stacks.create(&PostParams::default(), &sample_stack("rb")).await.expect("create");
+    stacks
+        .create(&PostParams::default(), &sample_stack("rb"))
+        .await
+        .expect("create");
     wait_projection(&stacks, "initial status", |s| rebuilding(s).is_some()).await;
     stacks
-        .patch("rb", &PatchParams::default(), &Patch::Merge(json!({"spec": {"projections": {"generation": 2}}})))
+        .patch(
+            "rb",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"projections": {"generation": 2}}})),
+        )
         .await
         .expect("bump");
-    let s = wait_projection(&stacks, "QueryUnreachable", |s| rebuilding(s) == Some(("True".into(), "QueryUnreachable".into()))).await;
+    let s = wait_projection(&stacks, "QueryUnreachable", |s| {
+        rebuilding(s) == Some(("True".into(), "QueryUnreachable".into()))
+    })
+    .await;
     // The rest of the stack is still reconciled.
-    assert_eq!(condition(&s, "Ready").map(|c| c.1), Some("DeploymentsNotReady".to_owned()));
+    assert_eq!(
+        condition(&s, "Ready").map(|c| c.1),
+        Some("DeploymentsNotReady".to_owned())
+    );
 }

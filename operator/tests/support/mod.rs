@@ -58,16 +58,27 @@ fn k8s_bin() -> Result<PathBuf, String> {
         return Ok(PathBuf::from(p));
     }
     let script = repo_root().join("crates/devstack/scripts/install-k8s.sh");
-    let out = Command::new("bash").arg(&script).stderr(Stdio::inherit()).output().map_err(|e| format!("{script:?}: {e}"))?;
+    let out = Command::new("bash")
+        .arg(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("{script:?}: {e}"))?;
     if !out.status.success() {
         return Err(format!("{script:?} failed: {}", out.status));
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
-    stdout.lines().last().map(|l| PathBuf::from(l.trim())).ok_or_else(|| "install-k8s.sh printed nothing".to_owned())
+    stdout
+        .lines()
+        .last()
+        .map(|l| PathBuf::from(l.trim()))
+        .ok_or_else(|| "install-k8s.sh printed nothing".to_owned())
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 fn kubectl() -> String {
@@ -76,7 +87,10 @@ fn kubectl() -> String {
 
 /// The process-wide test cluster, started on first use.
 pub fn cluster() -> &'static Cluster {
-    CLUSTER.get_or_init(start).as_ref().unwrap_or_else(|e| panic!("test cluster: {e}"))
+    CLUSTER
+        .get_or_init(start)
+        .as_ref()
+        .unwrap_or_else(|e| panic!("test cluster: {e}"))
 }
 
 fn start() -> Result<Cluster, String> {
@@ -110,7 +124,11 @@ fn start() -> Result<Cluster, String> {
 }
 
 fn spawn_servers(bin: &Path) -> Result<(std::process::Child, Cluster), String> {
-    let dir = tempfile::Builder::new().prefix("cqrs-kube-").tempdir().map_err(|e| e.to_string())?.keep();
+    let dir = tempfile::Builder::new()
+        .prefix("cqrs-kube-")
+        .tempdir()
+        .map_err(|e| e.to_string())?
+        .keep();
     let script = repo_root().join("operator/tests/support/kube-up.sh");
     let log_path = dir.join("kube-up.log");
     let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
@@ -148,22 +166,31 @@ fn spawn_servers(bin: &Path) -> Result<(std::process::Child, Cluster), String> {
 
 fn install_crds(cluster: &Cluster) -> Result<(), String> {
     let ours = cluster.dir.join("cqrsstack-crd.yaml");
-    std::fs::write(&ours, cqrs_operator::crd::crd_yaml().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    std::fs::write(
+        &ours,
+        cqrs_operator::crd::crd_yaml().map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
     let mut files = vec![ours];
     files.extend(vendor_crds());
     let mut cmd = Command::new(kubectl());
-    cmd.arg("--kubeconfig").arg(&cluster.kubeconfig).args(["apply", "--server-side"]);
+    cmd.arg("--kubeconfig")
+        .arg(&cluster.kubeconfig)
+        .args(["apply", "--server-side"]);
     for f in &files {
         cmd.arg("-f").arg(f);
     }
     run(&mut cmd)?;
-    run(Command::new(kubectl()).arg("--kubeconfig").arg(&cluster.kubeconfig).args([
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd",
-        "--all",
-    ]))?;
+    run(Command::new(kubectl())
+        .arg("--kubeconfig")
+        .arg(&cluster.kubeconfig)
+        .args([
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd",
+            "--all",
+        ]))?;
     Ok(())
 }
 
@@ -182,9 +209,13 @@ pub fn run(cmd: &mut Command) -> Result<String, String> {
 }
 
 pub async fn client() -> Client {
-    let path = tokio::task::spawn_blocking(|| cluster().kubeconfig.clone()).await.expect("cluster thread");
+    let path = tokio::task::spawn_blocking(|| cluster().kubeconfig.clone())
+        .await
+        .expect("cluster thread");
     let kc = Kubeconfig::read_from(&path).expect("kubeconfig");
-    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.expect("kube config");
+    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("kube config");
     Client::try_from(config).expect("client")
 }
 
@@ -193,10 +224,22 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 /// A fresh namespace, so tests can run in parallel against one API server.
 pub async fn namespace(client: &Client, prefix: &str) -> String {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
     let name = format!("{prefix}-{}-{n}-{:x}", std::process::id(), nanos % 0xffff);
-    let ns = Namespace { metadata: ObjectMeta { name: Some(name.clone()), ..Default::default() }, ..Default::default() };
-    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.expect("create namespace");
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("create namespace");
     name
 }
 
@@ -219,7 +262,11 @@ impl Operator {
             .await
             .expect("controller");
         });
-        Self { stop: Some(tx), task, registry }
+        Self {
+            stop: Some(tx),
+            task,
+            registry,
+        }
     }
 
     /// Graceful stop: in-flight reconciliations finish, then the controller returns.
@@ -228,7 +275,10 @@ impl Operator {
             let _ = tx.send(());
         }
         let task = std::mem::replace(&mut self.task, tokio::spawn(async {}));
-        tokio::time::timeout(Duration::from_secs(30), task).await.expect("controller stops within 30s").expect("join");
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("controller stops within 30s")
+            .expect("join");
     }
 
     pub fn metric(&self, name: &str) -> f64 {
@@ -236,7 +286,11 @@ impl Operator {
             .gather()
             .iter()
             .filter(|f| f.name() == name)
-            .flat_map(|f| f.get_metric().iter().map(|m| m.get_counter().get_value() + m.get_histogram().get_sample_count() as f64))
+            .flat_map(|f| {
+                f.get_metric().iter().map(|m| {
+                    m.get_counter().get_value() + m.get_histogram().get_sample_count() as f64
+                })
+            })
             .sum()
     }
 }
@@ -266,7 +320,10 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
