@@ -7,7 +7,9 @@ mod common;
 use std::{collections::HashSet, time::Duration};
 
 use common::{Consumed, assert_per_aggregate_order, consume_until, env_config, eventually, spawn};
-use cqrs_events::{AggregateType, EventPayload, HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_SCHEMA_VERSION, Topics};
+use cqrs_events::{
+    AggregateType, EventPayload, HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_SCHEMA_VERSION, Topics,
+};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -16,7 +18,11 @@ async fn consume(bootstrap: &str, prefix: &str, want: usize, timeout: Duration) 
     let (b, p) = (bootstrap.to_owned(), prefix.to_owned());
     tokio::task::spawn_blocking(move || {
         consume_until(&b, &p, timeout, |e| {
-            e.iter().map(|c| (c.envelope.aggregate_id, c.envelope.version)).collect::<HashSet<_>>().len() >= want
+            e.iter()
+                .map(|c| (c.envelope.aggregate_id, c.envelope.version))
+                .collect::<HashSet<_>>()
+                .len()
+                >= want
         })
     })
     .await
@@ -24,27 +30,51 @@ async fn consume(bootstrap: &str, prefix: &str, want: usize, timeout: Duration) 
 }
 
 async fn all_event_keys(pool: &sqlx::PgPool) -> HashSet<(Uuid, u64)> {
-    let rows: Vec<(Uuid, i64)> =
-        sqlx::query_as("select aggregate_id, version from events").fetch_all(pool).await.unwrap();
-    rows.into_iter().map(|(a, v)| (a, u64::try_from(v).unwrap())).collect()
+    let rows: Vec<(Uuid, i64)> = sqlx::query_as("select aggregate_id, version from events")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    rows.into_iter()
+        .map(|(a, v)| (a, u64::try_from(v).unwrap()))
+        .collect()
 }
 
 fn distinct(events: &[Consumed]) -> HashSet<(Uuid, u64)> {
-    events.iter().map(|c| (c.envelope.aggregate_id, c.envelope.version)).collect()
+    events
+        .iter()
+        .map(|c| (c.envelope.aggregate_id, c.envelope.version))
+        .collect()
 }
 
 #[tokio::test]
 async fn events_reach_their_topics_with_keys_and_headers() {
     let (env, c) = env_config("relay-basic").await;
     let app = spawn(c).await;
-    let r = app.post("/user", json!({"email": "r@example.com", "password": "password123", "name": "R"})).await;
+    let r = app
+        .post(
+            "/user",
+            json!({"email": "r@example.com", "password": "password123", "name": "R"}),
+        )
+        .await;
     let user: Value = r.json().await.unwrap();
-    let r = app.post("/product", json!({"name": "P", "price": "4.20"})).await;
+    let r = app
+        .post("/product", json!({"name": "P", "price": "4.20"}))
+        .await;
     let product: Value = r.json().await.unwrap();
-    let r = app.post("/order", json!({"userId": user["id"], "items": [{"productId": product["id"], "quantity": 2}]})).await;
+    let r = app
+        .post(
+            "/order",
+            json!({"userId": user["id"], "items": [{"productId": product["id"], "quantity": 2}]}),
+        )
+        .await;
     assert_eq!(r.status(), StatusCode::CREATED);
     let order: Value = r.json().await.unwrap();
-    let r = app.client.post(app.url(&format!("/order/{}/cancel", order["id"].as_str().unwrap()))).send().await.unwrap();
+    let r = app
+        .client
+        .post(app.url(&format!("/order/{}/cancel", order["id"].as_str().unwrap())))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     app.wait_drained(Duration::from_secs(30)).await;
     let status = app.relay_status().await;
@@ -52,13 +82,22 @@ async fn events_reach_their_topics_with_keys_and_headers() {
     assert_eq!(status["publishedTotal"], 4);
     assert_eq!(status["oldestAgeSeconds"], 0.0);
 
-    let events = consume(&env.kafka_bootstrap, &env.topic_prefix, 4, Duration::from_secs(30)).await;
+    let events = consume(
+        &env.kafka_bootstrap,
+        &env.topic_prefix,
+        4,
+        Duration::from_secs(30),
+    )
+    .await;
     assert_eq!(distinct(&events).len(), 4);
     let topics = Topics::new(&env.topic_prefix);
     for e in &events {
         assert_eq!(e.topic, topics.for_aggregate(e.envelope.aggregate_type));
         assert_eq!(e.key, e.envelope.aggregate_id.to_string());
-        assert_eq!(e.headers[HEADER_EVENT_TYPE], e.envelope.event_type().as_str());
+        assert_eq!(
+            e.headers[HEADER_EVENT_TYPE],
+            e.envelope.event_type().as_str()
+        );
         assert_eq!(e.headers[HEADER_EVENT_ID], e.envelope.id.to_string());
         assert_eq!(e.headers[HEADER_SCHEMA_VERSION], "1");
         // data is an object, not a string holding JSON.
@@ -75,7 +114,9 @@ async fn events_reach_their_topics_with_keys_and_headers() {
     assert_eq!(created.total_cents, 840);
     assert_eq!(created.user.email, "r@example.com");
     assert_eq!(created.items[0].product_name, "P");
-    let cancelled = events.iter().find(|e| e.envelope.aggregate_type == AggregateType::Order && e.envelope.version == 2);
+    let cancelled = events
+        .iter()
+        .find(|e| e.envelope.aggregate_type == AggregateType::Order && e.envelope.version == 2);
     assert!(cancelled.is_some());
     app.shutdown().await;
 }
@@ -88,7 +129,9 @@ async fn a_late_commit_with_a_low_position_is_not_skipped() {
     let app = spawn(c).await;
     let pool = sqlx::PgPool::connect(&env.pg_url).await.unwrap();
     // Make sure the app is up and migrated, then open the slow transaction.
-    let r = app.post("/product", json!({"name": "first", "price": 1})).await;
+    let r = app
+        .post("/product", json!({"name": "first", "price": 1}))
+        .await;
     assert_eq!(r.status(), StatusCode::CREATED);
     let mut slow = pool.begin().await.unwrap();
     let slow_id = Uuid::now_v7();
@@ -105,23 +148,58 @@ async fn a_late_commit_with_a_low_position_is_not_skipped() {
     .unwrap();
     // Later commands commit and are published while the slow one is still open.
     for i in 0..20 {
-        let r = app.post("/product", json!({"name": format!("later {i}"), "price": 1})).await;
+        let r = app
+            .post(
+                "/product",
+                json!({"name": format!("later {i}"), "price": 1}),
+            )
+            .await;
         assert_eq!(r.status(), StatusCode::CREATED);
     }
     let later_positions: Vec<i64> =
-        sqlx::query_scalar("select position from events where aggregate_id <> $1").bind(slow_id).fetch_all(&pool).await.unwrap();
-    assert!(later_positions.iter().filter(|p| **p > slow_position).count() >= 20, "the slow transaction holds the lower position");
-    eventually(Duration::from_secs(30), "later events published", || async {
-        let s = app.relay_status().await;
-        (s["publishedTotal"].as_u64() == Some(21) && s["backlog"] == 0).then_some(())
-    })
+        sqlx::query_scalar("select position from events where aggregate_id <> $1")
+            .bind(slow_id)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert!(
+        later_positions
+            .iter()
+            .filter(|p| **p > slow_position)
+            .count()
+            >= 20,
+        "the slow transaction holds the lower position"
+    );
+    eventually(
+        Duration::from_secs(30),
+        "later events published",
+        || async {
+            let s = app.relay_status().await;
+            (s["publishedTotal"].as_u64() == Some(21) && s["backlog"] == 0).then_some(())
+        },
+    )
     .await;
-    let before = consume(&env.kafka_bootstrap, &env.topic_prefix, 21, Duration::from_secs(30)).await;
+    let before = consume(
+        &env.kafka_bootstrap,
+        &env.topic_prefix,
+        21,
+        Duration::from_secs(30),
+    )
+    .await;
     assert!(before.iter().all(|e| e.envelope.aggregate_id != slow_id));
     // Commit the slow one: it is published.
     slow.commit().await.unwrap();
-    let after = consume(&env.kafka_bootstrap, &env.topic_prefix, 22, Duration::from_secs(30)).await;
-    assert!(after.iter().any(|e| e.envelope.aggregate_id == slow_id), "the late commit was skipped");
+    let after = consume(
+        &env.kafka_bootstrap,
+        &env.topic_prefix,
+        22,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(
+        after.iter().any(|e| e.envelope.aggregate_id == slow_id),
+        "the late commit was skipped"
+    );
     assert_eq!(distinct(&after).len(), 22);
     app.wait_drained(Duration::from_secs(10)).await;
     app.shutdown().await;
@@ -135,7 +213,7 @@ async fn the_standby_takes_over_when_the_leader_dies() {
     c.relay_batch_size = 50;
     let a = spawn(c.clone()).await;
     let b = spawn(c).await;
-    let (leader, standby) = eventually(Duration::from_secs(20), "a leader", || async {
+    let a_leads = eventually(Duration::from_secs(20), "exactly one leader", || async {
         let (sa, sb) = (a.relay_status().await, b.relay_status().await);
         match (sa["leader"].as_bool(), sb["leader"].as_bool()) {
             (Some(true), Some(false)) => Some(true),
@@ -143,15 +221,20 @@ async fn the_standby_takes_over_when_the_leader_dies() {
             _ => None,
         }
     })
-    .await
-    .then_some((a, b))
-    .unwrap_or_else(|| unreachable!());
-    let _ = &leader;
+    .await;
+    let (leader, standby) = if a_leads { (a, b) } else { (b, a) };
     // Writes go through the stand-by (the leader is about to die).
     let mut ids = Vec::new();
     for i in 0..100 {
-        let r = standby.post("/product", json!({"name": format!("p{i}"), "price": 1})).await;
-        ids.push(r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned());
+        let r = standby
+            .post("/product", json!({"name": format!("p{i}"), "price": 1}))
+            .await;
+        ids.push(
+            r.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
     }
     let writer = {
         let client = standby.client.clone();
@@ -160,7 +243,10 @@ async fn the_standby_takes_over_when_the_leader_dies() {
         tokio::spawn(async move {
             for round in 0..8 {
                 let futs = ids.iter().map(|id| {
-                    client.patch(format!("{base}/product/{id}")).json(&json!({"price": round + 2})).send()
+                    client
+                        .patch(format!("{base}/product/{id}"))
+                        .json(&json!({"price": round + 2}))
+                        .send()
                 });
                 for r in futures::future::join_all(futs).await {
                     assert_eq!(r.unwrap().status(), StatusCode::OK);
@@ -175,19 +261,32 @@ async fn the_standby_takes_over_when_the_leader_dies() {
     })
     .await;
     leader.handle.abort();
-    eventually(Duration::from_secs(30), "the stand-by taking over", || async {
-        (standby.relay_status().await["leader"] == true).then_some(())
-    })
+    eventually(
+        Duration::from_secs(30),
+        "the stand-by taking over",
+        || async { (standby.relay_status().await["leader"] == true).then_some(()) },
+    )
     .await;
     writer.await.unwrap();
     standby.wait_drained(Duration::from_secs(60)).await;
     let pool = sqlx::PgPool::connect(&env.pg_url).await.unwrap();
     let expected = all_event_keys(&pool).await;
     assert_eq!(expected.len(), 900);
-    let events = consume(&env.kafka_bootstrap, &env.topic_prefix, expected.len(), Duration::from_secs(60)).await;
+    let events = consume(
+        &env.kafka_bootstrap,
+        &env.topic_prefix,
+        expected.len(),
+        Duration::from_secs(60),
+    )
+    .await;
     assert_eq!(distinct(&events), expected, "every event at least once");
     assert_per_aggregate_order(&events);
-    assert!(standby.relay_status().await["publishedTotal"].as_u64().unwrap() > 0);
+    assert!(
+        standby.relay_status().await["publishedTotal"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
     standby.shutdown().await;
 }
 
@@ -207,16 +306,27 @@ async fn kafka_down_commands_succeed_and_events_arrive_later() {
         let client = client.clone();
         let url = app.url("/product");
         async move {
-            let r = client.post(url).json(&json!({"name": format!("k{i}"), "price": "1.00"})).send().await.unwrap();
+            let r = client
+                .post(url)
+                .json(&json!({"name": format!("k{i}"), "price": "1.00"}))
+                .send()
+                .await
+                .unwrap();
             assert_eq!(r.status(), StatusCode::CREATED);
-            r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
+            r.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
         }
     }))
     .await;
     for round in 2..=5 {
         let futs = creates.iter().map(|id| {
-            client.patch(app.url(&format!("/product/{id}"))).header("if-match", format!("\"{}\"", round - 1))
-                .json(&json!({"price": round})).send()
+            client
+                .patch(app.url(&format!("/product/{id}")))
+                .header("if-match", format!("\"{}\"", round - 1))
+                .json(&json!({"price": round}))
+                .send()
         });
         for r in futures::future::join_all(futs).await {
             assert_eq!(r.unwrap().status(), StatusCode::OK);
@@ -227,16 +337,37 @@ async fn kafka_down_commands_succeed_and_events_arrive_later() {
     assert!(status["oldestAgeSeconds"].as_f64().unwrap() > 0.0);
     assert_eq!(status["publishedTotal"], 0);
     // The relay is failing (and keeping every event) before Kafka comes back.
-    eventually(Duration::from_secs(60), "a relay error while Kafka is down", || async {
-        let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
-        let errors = metrics.lines().find(|l| l.starts_with("cqrs_mutation_relay_errors_total"))?.to_owned();
-        (errors.rsplit(' ').next()? != "0").then_some(())
-    })
+    eventually(
+        Duration::from_secs(60),
+        "a relay error while Kafka is down",
+        || async {
+            let metrics = app
+                .client
+                .get(app.url("/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            let errors = metrics
+                .lines()
+                .find(|l| l.starts_with("cqrs_mutation_relay_errors_total"))?
+                .to_owned();
+            (errors.rsplit(' ').next()? != "0").then_some(())
+        },
+    )
     .await;
     assert_eq!(app.relay_status().await["backlog"], 5000);
     kafka.start().await.unwrap();
     app.wait_drained(Duration::from_secs(120)).await;
-    let events = consume(&kafka.bootstrap(), &env.topic_prefix, 5000, Duration::from_secs(60)).await;
+    let events = consume(
+        &kafka.bootstrap(),
+        &env.topic_prefix,
+        5000,
+        Duration::from_secs(60),
+    )
+    .await;
     let d = distinct(&events);
     assert_eq!(d.len(), 5000);
     for id in &creates {

@@ -22,7 +22,9 @@ fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
         let writer_buf = buf.clone();
         let make_writer = move || BufWriter(writer_buf.clone());
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("debug,hyper=info,h2=info,reqwest=info"))
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                "debug,hyper=info,h2=info,reqwest=info",
+            ))
             .with_writer(make_writer)
             .with_ansi(false)
             .try_init();
@@ -44,7 +46,12 @@ impl Write for BufWriter {
 }
 
 fn etag(r: &reqwest::Response) -> String {
-    r.headers().get("etag").unwrap().to_str().unwrap().to_owned()
+    r.headers()
+        .get("etag")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned()
 }
 
 async fn problem(r: reqwest::Response, status: StatusCode) -> Value {
@@ -54,7 +61,14 @@ async fn problem(r: reqwest::Response, status: StatusCode) -> Value {
 }
 
 fn fields(p: &Value) -> Vec<String> {
-    p["errors"].as_array().map(|a| a.iter().map(|e| e["field"].as_str().unwrap().to_owned()).collect()).unwrap_or_default()
+    p["errors"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| e["field"].as_str().unwrap().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[tokio::test]
@@ -63,7 +77,12 @@ async fn user_lifecycle_and_failures() {
     let (_env, c) = env_config("user-lifecycle").await;
     let app = spawn(c).await;
 
-    let r = app.post("/user", json!({"email": "Ann@Example.com", "password": "correct horse", "name": "Ann"})).await;
+    let r = app
+        .post(
+            "/user",
+            json!({"email": "Ann@Example.com", "password": "correct horse", "name": "Ann"}),
+        )
+        .await;
     assert_eq!(r.status(), StatusCode::CREATED);
     assert_eq!(etag(&r), "\"1\"");
     let u: Value = r.json().await.unwrap();
@@ -74,7 +93,12 @@ async fn user_lifecycle_and_failures() {
     assert!(u.get("password").is_none() && u.get("passwordHash").is_none());
 
     // Duplicate email, case-insensitively.
-    let r = app.post("/user", json!({"email": "ann@example.COM", "password": "another one"})).await;
+    let r = app
+        .post(
+            "/user",
+            json!({"email": "ann@example.COM", "password": "another one"}),
+        )
+        .await;
     let p = problem(r, StatusCode::CONFLICT).await;
     assert_eq!(p["type"], "urn:cqrs:problem:duplicate-email");
 
@@ -90,47 +114,132 @@ async fn user_lifecycle_and_failures() {
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(etag(&r), "\"2\"");
     let u: Value = r.json().await.unwrap();
-    assert_eq!((u["name"].as_str(), u["version"].as_i64(), u["email"].as_str()), (Some("Ann B."), Some(2), Some("Ann@Example.com")));
+    assert_eq!(
+        (
+            u["name"].as_str(),
+            u["version"].as_i64(),
+            u["email"].as_str()
+        ),
+        (Some("Ann B."), Some(2), Some("Ann@Example.com"))
+    );
 
     // Stale If-Match.
-    let r = app.client.patch(app.url(&format!("/user/{id}"))).header("if-match", "\"1\"").json(&json!({"name": "x"})).send().await.unwrap();
+    let r = app
+        .client
+        .patch(app.url(&format!("/user/{id}")))
+        .header("if-match", "\"1\"")
+        .json(&json!({"name": "x"}))
+        .send()
+        .await
+        .unwrap();
     problem(r, StatusCode::PRECONDITION_FAILED).await;
     // Malformed If-Match.
-    let r = app.client.patch(app.url(&format!("/user/{id}"))).header("if-match", "abc").json(&json!({"name": "x"})).send().await.unwrap();
+    let r = app
+        .client
+        .patch(app.url(&format!("/user/{id}")))
+        .header("if-match", "abc")
+        .json(&json!({"name": "x"}))
+        .send()
+        .await
+        .unwrap();
     problem(r, StatusCode::BAD_REQUEST).await;
     // Without If-Match: last writer wins.
-    let r = app.client.patch(app.url(&format!("/user/{id}"))).json(&json!({"email": "ann2@example.com"})).send().await.unwrap();
+    let r = app
+        .client
+        .patch(app.url(&format!("/user/{id}")))
+        .json(&json!({"email": "ann2@example.com"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     // Invalid values.
-    let r = app.client.patch(app.url(&format!("/user/{id}"))).json(&json!({"email": "nope", "name": 5})).send().await.unwrap();
+    let r = app
+        .client
+        .patch(app.url(&format!("/user/{id}")))
+        .json(&json!({"email": "nope", "name": 5}))
+        .send()
+        .await
+        .unwrap();
     let p = problem(r, StatusCode::UNPROCESSABLE_ENTITY).await;
     assert_eq!(fields(&p), vec!["email", "name"]);
-    let r = app.client.patch(app.url(&format!("/user/{id}"))).json(&json!({})).send().await.unwrap();
+    let r = app
+        .client
+        .patch(app.url(&format!("/user/{id}")))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
     problem(r, StatusCode::UNPROCESSABLE_ENTITY).await;
     // Email taken by another user → 409.
-    let r = app.post("/user", json!({"email": "bob@example.com", "password": "bobs password"})).await;
+    let r = app
+        .post(
+            "/user",
+            json!({"email": "bob@example.com", "password": "bobs password"}),
+        )
+        .await;
     assert_eq!(r.status(), StatusCode::CREATED);
-    let r = app.client.patch(app.url(&format!("/user/{id}"))).json(&json!({"email": "BOB@example.com"})).send().await.unwrap();
+    let r = app
+        .client
+        .patch(app.url(&format!("/user/{id}")))
+        .json(&json!({"email": "BOB@example.com"}))
+        .send()
+        .await
+        .unwrap();
     problem(r, StatusCode::CONFLICT).await;
     // Missing and non-UUID ids.
     let missing = uuid::Uuid::new_v4();
-    let r = app.client.patch(app.url(&format!("/user/{missing}"))).json(&json!({"name": "x"})).send().await.unwrap();
+    let r = app
+        .client
+        .patch(app.url(&format!("/user/{missing}")))
+        .json(&json!({"name": "x"}))
+        .send()
+        .await
+        .unwrap();
     problem(r, StatusCode::NOT_FOUND).await;
-    let r = app.client.patch(app.url("/user/not-a-uuid")).json(&json!({"name": "x"})).send().await.unwrap();
+    let r = app
+        .client
+        .patch(app.url("/user/not-a-uuid"))
+        .json(&json!({"name": "x"}))
+        .send()
+        .await
+        .unwrap();
     problem(r, StatusCode::NOT_FOUND).await;
 
     // DELETE with a stale If-Match, then the right one.
-    let r = app.client.delete(app.url(&format!("/user/{id}"))).header("if-match", "\"1\"").send().await.unwrap();
+    let r = app
+        .client
+        .delete(app.url(&format!("/user/{id}")))
+        .header("if-match", "\"1\"")
+        .send()
+        .await
+        .unwrap();
     problem(r, StatusCode::PRECONDITION_FAILED).await;
-    let r = app.client.delete(app.url(&format!("/user/{id}"))).header("if-match", "\"3\"").send().await.unwrap();
+    let r = app
+        .client
+        .delete(app.url(&format!("/user/{id}")))
+        .header("if-match", "\"3\"")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(etag(&r), "\"4\"");
     let u: Value = r.json().await.unwrap();
     assert!(u["deletedAt"].is_string());
     // Gone: PATCH and DELETE are 404.
-    let r = app.client.delete(app.url(&format!("/user/{id}"))).send().await.unwrap();
+    let r = app
+        .client
+        .delete(app.url(&format!("/user/{id}")))
+        .send()
+        .await
+        .unwrap();
     problem(r, StatusCode::NOT_FOUND).await;
-    let r = app.client.patch(app.url(&format!("/user/{id}"))).json(&json!({"name": "x"})).send().await.unwrap();
+    let r = app
+        .client
+        .patch(app.url(&format!("/user/{id}")))
+        .json(&json!({"name": "x"}))
+        .send()
+        .await
+        .unwrap();
     problem(r, StatusCode::NOT_FOUND).await;
     app.shutdown().await;
 }
@@ -142,15 +251,56 @@ async fn malformed_requests_get_problem_json() {
     c.max_body_bytes = 4096;
     let app = spawn(c).await;
     let cases: Vec<(reqwest::RequestBuilder, StatusCode)> = vec![
-        (app.client.post(app.url("/user")).header("content-type", "application/json").body("{\"email\": "), StatusCode::BAD_REQUEST),
-        (app.client.post(app.url("/user")).header("content-type", "application/json").body(""), StatusCode::BAD_REQUEST),
-        (app.client.post(app.url("/user")).header("content-type", "text/plain").body("{}"), StatusCode::UNSUPPORTED_MEDIA_TYPE),
-        (app.client.post(app.url("/user")).body("{}"), StatusCode::UNSUPPORTED_MEDIA_TYPE),
-        (app.client.post(app.url("/product")).json(&json!([1, 2])), StatusCode::UNPROCESSABLE_ENTITY),
-        (app.client.post(app.url("/product")).json(&json!({"name": "x".repeat(10_000), "price": 1})), StatusCode::PAYLOAD_TOO_LARGE),
-        (app.client.post(app.url("/order")).header("content-type", "application/json").body("nul"), StatusCode::BAD_REQUEST),
-        (app.client.put(app.url("/user")).json(&json!({})), StatusCode::METHOD_NOT_ALLOWED),
-        (app.client.post(app.url("/nope")).json(&json!({})), StatusCode::NOT_FOUND),
+        (
+            app.client
+                .post(app.url("/user"))
+                .header("content-type", "application/json")
+                .body("{\"email\": "),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            app.client
+                .post(app.url("/user"))
+                .header("content-type", "application/json")
+                .body(""),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            app.client
+                .post(app.url("/user"))
+                .header("content-type", "text/plain")
+                .body("{}"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            app.client.post(app.url("/user")).body("{}"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            app.client.post(app.url("/product")).json(&json!([1, 2])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            app.client
+                .post(app.url("/product"))
+                .json(&json!({"name": "x".repeat(10_000), "price": 1})),
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
+        (
+            app.client
+                .post(app.url("/order"))
+                .header("content-type", "application/json")
+                .body("nul"),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            app.client.put(app.url("/user")).json(&json!({})),
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
+        (
+            app.client.post(app.url("/nope")).json(&json!({})),
+            StatusCode::NOT_FOUND,
+        ),
     ];
     for (req, status) in cases {
         let r = req.send().await.unwrap();
@@ -158,7 +308,12 @@ async fn malformed_requests_get_problem_json() {
         assert_eq!(p["status"], status.as_u16());
     }
     // Field errors for every invalid field at once.
-    let r = app.post("/user", json!({"email": 3, "password": "short", "name": ""})).await;
+    let r = app
+        .post(
+            "/user",
+            json!({"email": 3, "password": "short", "name": ""}),
+        )
+        .await;
     let p = problem(r, StatusCode::UNPROCESSABLE_ENTITY).await;
     assert_eq!(fields(&p), vec!["email", "password", "name"]);
     let r = app.post("/user", json!({})).await;
@@ -177,8 +332,19 @@ async fn products_convert_prices_exactly() {
     captured_logs();
     let (_env, c) = env_config("products").await;
     let app = spawn(c).await;
-    for (price, cents) in [(json!(19.99), 1999), (json!("19.99"), 1999), (json!(0.29), 29), (json!(7), 700), (json!("1234567.8"), 123_456_780)] {
-        let r = app.post("/product", json!({"name": "Widget", "price": price, "description": "d"})).await;
+    for (price, cents) in [
+        (json!(19.99), 1999),
+        (json!("19.99"), 1999),
+        (json!(0.29), 29),
+        (json!(7), 700),
+        (json!("1234567.8"), 123_456_780),
+    ] {
+        let r = app
+            .post(
+                "/product",
+                json!({"name": "Widget", "price": price, "description": "d"}),
+            )
+            .await;
         assert_eq!(r.status(), StatusCode::CREATED, "{price}");
         assert_eq!(etag(&r), "\"1\"");
         let p: Value = r.json().await.unwrap();
@@ -196,36 +362,110 @@ async fn products_convert_prices_exactly() {
         .unwrap();
     let p = problem(r, StatusCode::UNPROCESSABLE_ENTITY).await;
     assert_eq!(fields(&p), vec!["price"]);
-    for raw in [r#"{"name":"w","price":1e3}"#, r#"{"name":"w","price":-0.0}"#, r#"{"name":"w","price":"1.2.3"}"#] {
-        let r = app.client.post(app.url("/product")).header("content-type", "application/json").body(raw).send().await.unwrap();
-        assert_eq!(fields(&problem(r, StatusCode::UNPROCESSABLE_ENTITY).await), vec!["price"], "{raw}");
+    for raw in [
+        r#"{"name":"w","price":1e3}"#,
+        r#"{"name":"w","price":-0.0}"#,
+        r#"{"name":"w","price":"1.2.3"}"#,
+    ] {
+        let r = app
+            .client
+            .post(app.url("/product"))
+            .header("content-type", "application/json")
+            .body(raw)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            fields(&problem(r, StatusCode::UNPROCESSABLE_ENTITY).await),
+            vec!["price"],
+            "{raw}"
+        );
     }
-    for bad in [json!(19.999), json!(-1), json!("-0.01"), json!("abc"), json!(true), json!(1_000_000_000_000u64), json!(null)] {
-        let r = app.post("/product", json!({"name": "W", "price": bad})).await;
+    for bad in [
+        json!(19.999),
+        json!(-1),
+        json!("-0.01"),
+        json!("abc"),
+        json!(true),
+        json!(1_000_000_000_000u64),
+        json!(null),
+    ] {
+        let r = app
+            .post("/product", json!({"name": "W", "price": bad}))
+            .await;
         let p = problem(r, StatusCode::UNPROCESSABLE_ENTITY).await;
         assert_eq!(fields(&p), vec!["price"], "{bad}");
     }
     let r = app.post("/product", json!({"price": 1})).await;
-    assert_eq!(fields(&problem(r, StatusCode::UNPROCESSABLE_ENTITY).await), vec!["name"]);
+    assert_eq!(
+        fields(&problem(r, StatusCode::UNPROCESSABLE_ENTITY).await),
+        vec!["name"]
+    );
 
-    let r = app.post("/product", json!({"name": "Lamp", "price": "10.00"})).await;
+    let r = app
+        .post("/product", json!({"name": "Lamp", "price": "10.00"}))
+        .await;
     let p: Value = r.json().await.unwrap();
     let id = p["id"].as_str().unwrap().to_owned();
-    let r = app.client.patch(app.url(&format!("/product/{id}"))).header("if-match", "\"1\"").json(&json!({"price": 12.5, "description": null})).send().await.unwrap();
+    let r = app
+        .client
+        .patch(app.url(&format!("/product/{id}")))
+        .header("if-match", "\"1\"")
+        .json(&json!({"price": 12.5, "description": null}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(etag(&r), "\"2\"");
     let p: Value = r.json().await.unwrap();
-    assert_eq!((p["priceCents"].as_i64(), p["name"].as_str(), p["price"].as_str()), (Some(1250), Some("Lamp"), Some("12.50")));
-    let r = app.client.patch(app.url(&format!("/product/{id}"))).header("if-match", "\"1\"").json(&json!({"price": 1})).send().await.unwrap();
+    assert_eq!(
+        (
+            p["priceCents"].as_i64(),
+            p["name"].as_str(),
+            p["price"].as_str()
+        ),
+        (Some(1250), Some("Lamp"), Some("12.50"))
+    );
+    let r = app
+        .client
+        .patch(app.url(&format!("/product/{id}")))
+        .header("if-match", "\"1\"")
+        .json(&json!({"price": 1}))
+        .send()
+        .await
+        .unwrap();
     problem(r, StatusCode::PRECONDITION_FAILED).await;
-    let r = app.client.patch(app.url(&format!("/product/{id}"))).json(&json!({"price": "1.234"})).send().await.unwrap();
+    let r = app
+        .client
+        .patch(app.url(&format!("/product/{id}")))
+        .json(&json!({"price": "1.234"}))
+        .send()
+        .await
+        .unwrap();
     problem(r, StatusCode::UNPROCESSABLE_ENTITY).await;
-    let r = app.client.patch(app.url(&format!("/product/{}", uuid::Uuid::new_v4()))).json(&json!({"price": 1})).send().await.unwrap();
+    let r = app
+        .client
+        .patch(app.url(&format!("/product/{}", uuid::Uuid::new_v4())))
+        .json(&json!({"price": 1}))
+        .send()
+        .await
+        .unwrap();
     problem(r, StatusCode::NOT_FOUND).await;
-    let r = app.client.delete(app.url(&format!("/product/{id}"))).header("if-match", "\"2\"").send().await.unwrap();
+    let r = app
+        .client
+        .delete(app.url(&format!("/product/{id}")))
+        .header("if-match", "\"2\"")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(etag(&r), "\"3\"");
-    let r = app.client.delete(app.url(&format!("/product/{id}"))).send().await.unwrap();
+    let r = app
+        .client
+        .delete(app.url(&format!("/product/{id}")))
+        .send()
+        .await
+        .unwrap();
     problem(r, StatusCode::NOT_FOUND).await;
     app.shutdown().await;
 }
@@ -233,7 +473,10 @@ async fn products_convert_prices_exactly() {
 async fn create(app: &common::Running, path: &str, body: Value) -> String {
     let r = app.post(path, body).await;
     assert_eq!(r.status(), StatusCode::CREATED);
-    r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
+    r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }
 
 #[tokio::test]
@@ -242,7 +485,12 @@ async fn orders_are_priced_on_the_server() {
     let (_env, mut c) = env_config("orders").await;
     c.max_order_items = 3;
     let app = spawn(c).await;
-    let user = create(&app, "/user", json!({"email": "o@example.com", "password": "password1", "name": "O"})).await;
+    let user = create(
+        &app,
+        "/user",
+        json!({"email": "o@example.com", "password": "password1", "name": "O"}),
+    )
+    .await;
     let p1 = create(&app, "/product", json!({"name": "A", "price": "2.50"})).await;
     let p2 = create(&app, "/product", json!({"name": "B", "price": 0.1})).await;
 
@@ -262,13 +510,31 @@ async fn orders_are_priced_on_the_server() {
 
     let unknown = uuid::Uuid::new_v4().to_string();
     let cases = [
-        (json!({"userId": unknown, "items": [{"productId": p1, "quantity": 1}]}), vec!["userId"]),
-        (json!({"userId": user, "items": [{"productId": p1, "quantity": 1}, {"productId": unknown, "quantity": 1}]}), vec!["items[1].productId"]),
-        (json!({"userId": user, "items": [{"productId": p1, "quantity": 0}]}), vec!["items[0].quantity"]),
-        (json!({"userId": user, "items": [{"productId": p1, "quantity": 1.5}]}), vec!["items[0].quantity"]),
+        (
+            json!({"userId": unknown, "items": [{"productId": p1, "quantity": 1}]}),
+            vec!["userId"],
+        ),
+        (
+            json!({"userId": user, "items": [{"productId": p1, "quantity": 1}, {"productId": unknown, "quantity": 1}]}),
+            vec!["items[1].productId"],
+        ),
+        (
+            json!({"userId": user, "items": [{"productId": p1, "quantity": 0}]}),
+            vec!["items[0].quantity"],
+        ),
+        (
+            json!({"userId": user, "items": [{"productId": p1, "quantity": 1.5}]}),
+            vec!["items[0].quantity"],
+        ),
         (json!({"userId": user, "items": []}), vec!["items"]),
-        (json!({"userId": user, "items": [{"productId": p1, "quantity": 1}, {"productId": p1, "quantity": 1}, {"productId": p1, "quantity": 1}, {"productId": p1, "quantity": 1}]}), vec!["items"]),
-        (json!({"userId": "x", "items": [{"productId": "y", "quantity": 1}]}), vec!["userId", "items[0].productId"]),
+        (
+            json!({"userId": user, "items": [{"productId": p1, "quantity": 1}, {"productId": p1, "quantity": 1}, {"productId": p1, "quantity": 1}, {"productId": p1, "quantity": 1}]}),
+            vec!["items"],
+        ),
+        (
+            json!({"userId": "x", "items": [{"productId": "y", "quantity": 1}]}),
+            vec!["userId", "items[0].productId"],
+        ),
         (json!({}), vec!["userId", "items"]),
     ];
     for (body, want) in cases {
@@ -277,30 +543,93 @@ async fn orders_are_priced_on_the_server() {
         assert_eq!(fields(&p), want, "{body}");
     }
     // A deleted product or user cannot be ordered.
-    let r = app.client.delete(app.url(&format!("/product/{p2}"))).send().await.unwrap();
+    let r = app
+        .client
+        .delete(app.url(&format!("/product/{p2}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    let r = app.post("/order", json!({"userId": user, "items": [{"productId": p2, "quantity": 1}]})).await;
-    assert_eq!(fields(&problem(r, StatusCode::UNPROCESSABLE_ENTITY).await), vec!["items[0].productId"]);
+    let r = app
+        .post(
+            "/order",
+            json!({"userId": user, "items": [{"productId": p2, "quantity": 1}]}),
+        )
+        .await;
+    assert_eq!(
+        fields(&problem(r, StatusCode::UNPROCESSABLE_ENTITY).await),
+        vec!["items[0].productId"]
+    );
 
     // Cancel: stale If-Match, then success, then already cancelled.
-    let r = app.client.post(app.url(&format!("/order/{order}/cancel"))).header("if-match", "\"7\"").send().await.unwrap();
+    let r = app
+        .client
+        .post(app.url(&format!("/order/{order}/cancel")))
+        .header("if-match", "\"7\"")
+        .send()
+        .await
+        .unwrap();
     problem(r, StatusCode::PRECONDITION_FAILED).await;
-    let r = app.client.post(app.url(&format!("/order/{order}/cancel"))).header("if-match", "\"1\"").json(&json!({"reason": "changed my mind"})).send().await.unwrap();
+    let r = app
+        .client
+        .post(app.url(&format!("/order/{order}/cancel")))
+        .header("if-match", "\"1\"")
+        .json(&json!({"reason": "changed my mind"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(etag(&r), "\"2\"");
     let o: Value = r.json().await.unwrap();
-    assert_eq!((o["status"].as_str(), o["cancelReason"].as_str(), o["totalCents"].as_i64()), (Some("cancelled"), Some("changed my mind"), Some(820)));
-    let r = app.client.post(app.url(&format!("/order/{order}/cancel"))).send().await.unwrap();
+    assert_eq!(
+        (
+            o["status"].as_str(),
+            o["cancelReason"].as_str(),
+            o["totalCents"].as_i64()
+        ),
+        (Some("cancelled"), Some("changed my mind"), Some(820))
+    );
+    let r = app
+        .client
+        .post(app.url(&format!("/order/{order}/cancel")))
+        .send()
+        .await
+        .unwrap();
     problem(r, StatusCode::CONFLICT).await;
-    let r = app.client.post(app.url(&format!("/order/{unknown}/cancel"))).send().await.unwrap();
+    let r = app
+        .client
+        .post(app.url(&format!("/order/{unknown}/cancel")))
+        .send()
+        .await
+        .unwrap();
     problem(r, StatusCode::NOT_FOUND).await;
-    let r = app.client.post(app.url(&format!("/order/{order}/cancel"))).header("content-type", "application/json").body("{").send().await.unwrap();
+    let r = app
+        .client
+        .post(app.url(&format!("/order/{order}/cancel")))
+        .header("content-type", "application/json")
+        .body("{")
+        .send()
+        .await
+        .unwrap();
     problem(r, StatusCode::BAD_REQUEST).await;
 
-    let r = app.client.delete(app.url(&format!("/user/{user}"))).send().await.unwrap();
+    let r = app
+        .client
+        .delete(app.url(&format!("/user/{user}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    let r = app.post("/order", json!({"userId": user, "items": [{"productId": p1, "quantity": 1}]})).await;
-    assert_eq!(fields(&problem(r, StatusCode::UNPROCESSABLE_ENTITY).await), vec!["userId"]);
+    let r = app
+        .post(
+            "/order",
+            json!({"userId": user, "items": [{"productId": p1, "quantity": 1}]}),
+        )
+        .await;
+    assert_eq!(
+        fields(&problem(r, StatusCode::UNPROCESSABLE_ENTITY).await),
+        vec!["userId"]
+    );
     app.shutdown().await;
 }
 
@@ -321,7 +650,10 @@ async fn concurrent_patches_with_the_same_if_match_one_wins() {
         let results = futures::future::join_all(futs).await;
         let statuses: Vec<StatusCode> = results.into_iter().map(|r| r.unwrap().status()).collect();
         let ok = statuses.iter().filter(|s| **s == StatusCode::OK).count();
-        let stale = statuses.iter().filter(|s| **s == StatusCode::PRECONDITION_FAILED).count();
+        let stale = statuses
+            .iter()
+            .filter(|s| **s == StatusCode::PRECONDITION_FAILED)
+            .count();
         assert_eq!((ok, stale), (1, 23), "round {round}: {statuses:?}");
     }
     app.shutdown().await;
@@ -334,21 +666,59 @@ async fn group_commit_fails_only_the_bad_command() {
     let app = spawn(c).await;
     // 200 concurrent creates; 40 of them reuse 20 emails: exactly 180 succeed, 20 are 409.
     let futs = (0..200).map(|i| {
-        let email = if i < 40 { format!("dup{}@example.com", i % 20) } else { format!("u{i}@example.com") };
+        let email = if i < 40 {
+            format!("dup{}@example.com", i % 20)
+        } else {
+            format!("u{i}@example.com")
+        };
         app.post("/user", json!({"email": email, "password": "password123"}))
     });
-    let statuses: Vec<StatusCode> = futures::future::join_all(futs).await.into_iter().map(|r| r.status()).collect();
-    assert_eq!(statuses.iter().filter(|s| **s == StatusCode::CREATED).count(), 180, "{statuses:?}");
-    assert_eq!(statuses.iter().filter(|s| **s == StatusCode::CONFLICT).count(), 20);
+    let statuses: Vec<StatusCode> = futures::future::join_all(futs)
+        .await
+        .into_iter()
+        .map(|r| r.status())
+        .collect();
+    assert_eq!(
+        statuses
+            .iter()
+            .filter(|s| **s == StatusCode::CREATED)
+            .count(),
+        180,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses
+            .iter()
+            .filter(|s| **s == StatusCode::CONFLICT)
+            .count(),
+        20
+    );
     // Batches really formed: fewer transactions than commands.
-    let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    let line = metrics.lines().find(|l| l.starts_with("cqrs_mutation_group_commit_batch_size_count")).unwrap();
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("cqrs_mutation_group_commit_batch_size_count"))
+        .unwrap();
     let batches: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(batches < 200.0, "{batches} transactions for 200 commands");
     // State, events and outbox agree: one event (and outbox row until relayed) per created user.
     let pool = sqlx::PgPool::connect(&env.pg_url).await.unwrap();
-    let users: i64 = sqlx::query_scalar("select count(*) from users").fetch_one(&pool).await.unwrap();
-    let events: i64 = sqlx::query_scalar("select count(*) from events where type = 'USER-CREATED'").fetch_one(&pool).await.unwrap();
+    let users: i64 = sqlx::query_scalar("select count(*) from users")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let events: i64 = sqlx::query_scalar("select count(*) from events where type = 'USER-CREATED'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert_eq!((users, events), (180, 180));
     app.wait_drained(Duration::from_secs(30)).await;
     app.shutdown().await;
@@ -361,7 +731,11 @@ async fn idempotency_key_replays_the_first_response() {
     let app = spawn(c).await;
     let body = json!({"email": "idem@example.com", "password": "password123", "name": "I"});
     let send = |body: Value, key: &str| {
-        app.client.post(app.url("/user")).header("idempotency-key", key).json(&body).send()
+        app.client
+            .post(app.url("/user"))
+            .header("idempotency-key", key)
+            .json(&body)
+            .send()
     };
     let r1 = send(body.clone(), "k-1").await.unwrap();
     assert_eq!(r1.status(), StatusCode::CREATED);
@@ -373,18 +747,44 @@ async fn idempotency_key_replays_the_first_response() {
     let b2: Value = r2.json().await.unwrap();
     assert_eq!(b1, b2);
     // Same key, other body → 422; other password only → 422 too.
-    let r = send(json!({"email": "other@example.com", "password": "password123"}), "k-1").await.unwrap();
-    assert_eq!(problem(r, StatusCode::UNPROCESSABLE_ENTITY).await["type"], "urn:cqrs:problem:idempotency-key-reused");
-    let r = send(json!({"email": "idem@example.com", "password": "different-pw", "name": "I"}), "k-1").await.unwrap();
+    let r = send(
+        json!({"email": "other@example.com", "password": "password123"}),
+        "k-1",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        problem(r, StatusCode::UNPROCESSABLE_ENTITY).await["type"],
+        "urn:cqrs:problem:idempotency-key-reused"
+    );
+    let r = send(
+        json!({"email": "idem@example.com", "password": "different-pw", "name": "I"}),
+        "k-1",
+    )
+    .await
+    .unwrap();
     problem(r, StatusCode::UNPROCESSABLE_ENTITY).await;
     // Key order does not matter.
-    let r = app.client.post(app.url("/user")).header("idempotency-key", "k-1").header("content-type", "application/json")
-        .body(r#"{"name":"I","password":"password123","email":"idem@example.com"}"#).send().await.unwrap();
+    let r = app
+        .client
+        .post(app.url("/user"))
+        .header("idempotency-key", "k-1")
+        .header("content-type", "application/json")
+        .body(r#"{"name":"I","password":"password123","email":"idem@example.com"}"#)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
 
     // Concurrent first requests with one key: one command runs, all get the same answer.
     let pbody = json!({"name": "Once", "price": "3.00"});
-    let futs = (0..16).map(|_| app.client.post(app.url("/product")).header("idempotency-key", "k-2").json(&pbody).send());
+    let futs = (0..16).map(|_| {
+        app.client
+            .post(app.url("/product"))
+            .header("idempotency-key", "k-2")
+            .json(&pbody)
+            .send()
+    });
     let mut ids = std::collections::HashSet::new();
     for r in futures::future::join_all(futs).await {
         let r = r.unwrap();
@@ -399,11 +799,32 @@ async fn idempotency_key_replays_the_first_response() {
     }
     assert_eq!(ids.len(), 1, "{ids:?}");
     // A refused command is not remembered: fixing the body with the same key works.
-    let r = app.client.post(app.url("/product")).header("idempotency-key", "k-3").json(&json!({"name": "x", "price": "1.001"})).send().await.unwrap();
+    let r = app
+        .client
+        .post(app.url("/product"))
+        .header("idempotency-key", "k-3")
+        .json(&json!({"name": "x", "price": "1.001"}))
+        .send()
+        .await
+        .unwrap();
     problem(r, StatusCode::UNPROCESSABLE_ENTITY).await;
-    let r = app.client.post(app.url("/product")).header("idempotency-key", "k-3").json(&json!({"name": "x", "price": "1.00"})).send().await.unwrap();
+    let r = app
+        .client
+        .post(app.url("/product"))
+        .header("idempotency-key", "k-3")
+        .json(&json!({"name": "x", "price": "1.00"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
-    let r = app.client.post(app.url("/product")).header("idempotency-key", "").json(&json!({"name": "x", "price": "1.00"})).send().await.unwrap();
+    let r = app
+        .client
+        .post(app.url("/product"))
+        .header("idempotency-key", "")
+        .json(&json!({"name": "x", "price": "1.00"}))
+        .send()
+        .await
+        .unwrap();
     problem(r, StatusCode::BAD_REQUEST).await;
     app.shutdown().await;
 }
@@ -418,25 +839,60 @@ async fn no_password_or_hash_in_events_responses_or_logs() {
     let app = spawn(c).await;
     let secret = "Tr0ub4dor&3-secret-pw";
     let secret2 = "n3w-Secret-Passw0rd!";
-    let r = app.client.post(app.url("/user")).header("idempotency-key", "s-1")
-        .json(&json!({"email": "secret@example.com", "password": secret, "name": "S"})).send().await.unwrap();
+    let r = app
+        .client
+        .post(app.url("/user"))
+        .header("idempotency-key", "s-1")
+        .json(&json!({"email": "secret@example.com", "password": secret, "name": "S"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
     let mut responses = r.text().await.unwrap();
-    let id = serde_json::from_str::<Value>(&responses).unwrap()["id"].as_str().unwrap().to_owned();
-    let r = app.client.post(app.url("/user")).header("idempotency-key", "s-1")
-        .json(&json!({"email": "secret@example.com", "password": secret, "name": "S"})).send().await.unwrap();
+    let id = serde_json::from_str::<Value>(&responses).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = app
+        .client
+        .post(app.url("/user"))
+        .header("idempotency-key", "s-1")
+        .json(&json!({"email": "secret@example.com", "password": secret, "name": "S"}))
+        .send()
+        .await
+        .unwrap();
     responses.push_str(&r.text().await.unwrap());
-    let r = app.client.patch(app.url(&format!("/user/{id}"))).json(&json!({"password": secret2})).send().await.unwrap();
+    let r = app
+        .client
+        .patch(app.url(&format!("/user/{id}")))
+        .json(&json!({"password": secret2}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     responses.push_str(&r.text().await.unwrap());
-    let r = app.post("/user", json!({"email": "secret@example.com", "password": secret})).await;
+    let r = app
+        .post(
+            "/user",
+            json!({"email": "secret@example.com", "password": secret}),
+        )
+        .await;
     responses.push_str(&r.text().await.unwrap());
-    let r = app.post("/user", json!({"email": "bad", "password": secret})).await;
+    let r = app
+        .post("/user", json!({"email": "bad", "password": secret}))
+        .await;
     responses.push_str(&r.text().await.unwrap());
 
     let pool = sqlx::PgPool::connect(&env.pg_url).await.unwrap();
-    let hash: String = sqlx::query_scalar("select password_hash from users where id = $1::uuid").bind(&id).fetch_one(&pool).await.unwrap();
-    assert!(hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{hash}");
+    let hash: String = sqlx::query_scalar("select password_hash from users where id = $1::uuid")
+        .bind(&id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(
+        hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+        "{hash}"
+    );
     let salt_and_hash = hash.rsplit('$').take(2).collect::<Vec<_>>();
 
     app.wait_drained(Duration::from_secs(30)).await;
@@ -447,19 +903,41 @@ async fn no_password_or_hash_in_events_responses_or_logs() {
     .await
     .unwrap();
     assert_eq!(events.len(), 2);
-    let stored: Vec<String> = sqlx::query_scalar("select data::text || metadata::text from events").fetch_all(&pool).await.unwrap();
+    let stored: Vec<String> = sqlx::query_scalar("select data::text || metadata::text from events")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
     let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
-    assert!(logs.contains("mutation") || !logs.is_empty(), "log capture works");
+    assert!(
+        logs.contains("mutation") || !logs.is_empty(),
+        "log capture works"
+    );
     for (what, text) in [
         ("responses", responses),
-        ("kafka events", events.iter().map(|e| e.raw.clone()).collect::<Vec<_>>().join("\n")),
+        (
+            "kafka events",
+            events
+                .iter()
+                .map(|e| e.raw.clone())
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ),
         ("stored events", stored.join("\n")),
         ("logs", logs),
     ] {
-        for needle in [secret, secret2, "$argon2", salt_and_hash[0], salt_and_hash[1]] {
+        for needle in [
+            secret,
+            secret2,
+            "$argon2",
+            salt_and_hash[0],
+            salt_and_hash[1],
+        ] {
             assert!(!text.contains(needle), "{what} contain a secret ({needle})");
         }
-        assert!(!text.to_lowercase().contains("password_hash") || what == "logs", "{what} mention password_hash");
+        assert!(
+            !text.to_lowercase().contains("password_hash") || what == "logs",
+            "{what} mention password_hash"
+        );
     }
     app.shutdown().await;
 }

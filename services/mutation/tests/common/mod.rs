@@ -37,11 +37,23 @@ impl Running {
     }
 
     pub async fn post(&self, path: &str, body: Value) -> reqwest::Response {
-        self.client.post(self.url(path)).json(&body).send().await.unwrap()
+        self.client
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
     }
 
     pub async fn relay_status(&self) -> Value {
-        self.client.get(self.url("/relay/status")).send().await.unwrap().json().await.unwrap()
+        self.client
+            .get(self.url("/relay/status"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
     }
 
     /// Polls `/relay/status` until the outbox is empty.
@@ -52,7 +64,10 @@ impl Running {
             if s["backlog"] == 0 {
                 return;
             }
-            assert!(Instant::now() < deadline, "outbox not drained in {timeout:?}: {s}");
+            assert!(
+                Instant::now() < deadline,
+                "outbox not drained in {timeout:?}: {s}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -73,7 +88,10 @@ pub async fn spawn(config: Config) -> Running {
     Running {
         base: format!("http://127.0.0.1:{port}"),
         handle,
-        client: reqwest::Client::builder().pool_max_idle_per_host(512).build().unwrap(),
+        client: reqwest::Client::builder()
+            .pool_max_idle_per_host(512)
+            .build()
+            .unwrap(),
         stop: Some(tx),
     }
 }
@@ -126,8 +144,8 @@ pub fn consume_until(
         if until(&out) {
             break;
         }
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            {
                 let raw = String::from_utf8(m.payload().unwrap_or_default().to_vec()).unwrap();
                 let envelope = cqrs_events::decode(raw.as_bytes()).unwrap();
                 let mut headers = HashMap::new();
@@ -148,7 +166,6 @@ pub fn consume_until(
                     envelope,
                 });
             }
-            Some(Err(_)) | None => {}
         }
     }
     out
