@@ -1,11 +1,16 @@
 //! End-to-end proof of the CQRS stack: a gateway-only client, a harness that runs the service binaries as
 //! killable subprocesses, and the scenarios (`seed`, `hostile`, `chaos`, `bench`).
 
+pub mod bench;
+pub mod chaos;
 pub mod client;
 pub mod hostile;
+pub mod infra;
 pub mod seed;
 pub mod stack;
 pub mod stats;
+pub mod svg;
+pub mod verify;
 
 pub use client::{Gateway, RawRequest, Resp, TokenMinter};
 pub use stack::{Component, Stack, StackConfig};

@@ -1,1 +1,229 @@
-fn main() {}
+//! `cqrs-e2e`: load generator and checker of the CQRS stack, through the gateway only.
+//!
+//! - `scenario seed`: the seed's scenario against a running gateway, every record verified.
+//! - `hostile`: bad input against a running gateway; only documented 4xx, nothing stored.
+//! - `chaos`: starts private PostgreSQL/Kafka/Mongo and the three services, kills them under load.
+//! - `bench`: starts the same, runs the raw baselines and a ramp; JSON + SVG to `--out`.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::Context;
+use clap::{Args as ClapArgs, Parser, Subcommand};
+use cqrs_e2e::{
+    Gateway, Stack,
+    bench::{self, BenchOptions},
+    chaos::{self, ChaosOptions, Target},
+    hostile,
+    infra::PrivateInfra,
+    seed::{self, SeedOptions},
+};
+
+#[derive(Debug, Parser)]
+#[command(name = "cqrs-e2e", about = "End-to-end proof of the CQRS stack")]
+struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, ClapArgs)]
+struct Target_ {
+    /// Gateway base URL.
+    #[arg(long, env = "CQRS_GATEWAY_URL", default_value = "http://127.0.0.1:3123")]
+    gateway: String,
+    /// HS256 secret of the gateway (default: the local devstack's secret file).
+    #[arg(long, env = "AUTH_JWT_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// File holding the HS256 secret.
+    #[arg(long, env = "AUTH_JWT_SECRET_FILE")]
+    secret_file: Option<PathBuf>,
+}
+
+impl Target_ {
+    fn gateway(&self) -> anyhow::Result<Gateway> {
+        let secret = match (&self.secret, &self.secret_file) {
+            (Some(s), _) => s.clone(),
+            (None, Some(f)) => std::fs::read_to_string(f)
+                .with_context(|| format!("reading {}", f.display()))?
+                .trim_end()
+                .to_owned(),
+            (None, None) => {
+                let f = cqrs_devstack::cache_dir().join("stacks/local/jwt-secret");
+                std::fs::read_to_string(&f)
+                    .with_context(|| format!("no --secret given and {} unreadable (is `just up` running?)", f.display()))?
+                    .trim_end()
+                    .to_owned()
+            }
+        };
+        Ok(Gateway::new(&self.gateway, secret.as_bytes())?)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Scenarios against a running gateway.
+    Scenario {
+        #[command(subcommand)]
+        which: Scenario,
+    },
+    /// Hostile input against a running gateway.
+    Hostile {
+        #[command(flatten)]
+        target: Target_,
+        /// Write the JSON report here.
+        #[arg(long, env = "CQRS_E2E_OUT", default_value = "e2e/out")]
+        out: PathBuf,
+    },
+    /// kill -9 and restart mutation, query, Kafka and the Mongo-wire server under load (own private servers).
+    Chaos {
+        /// Kills per component.
+        #[arg(long, env = "CHAOS_ROUNDS", default_value_t = 3)]
+        rounds: usize,
+        /// Commands per second of the steady load.
+        #[arg(long, env = "CHAOS_RATE", default_value_t = 40)]
+        rate: u32,
+        /// Acknowledged commands between kills.
+        #[arg(long, env = "CHAOS_ACKS_BETWEEN", default_value_t = 40)]
+        acks_between: u64,
+        /// Stop the Mongo-wire server gracefully instead of kill -9 (see docs/E2E.md: kill -9 loses writes).
+        #[arg(long, env = "CHAOS_MONGO_GRACEFUL")]
+        mongo_graceful: bool,
+        #[arg(long, env = "CQRS_E2E_OUT", default_value = "e2e/out")]
+        out: PathBuf,
+    },
+    /// Raw baselines + a ramp of write rates through the gateway (own private servers).
+    Bench {
+        /// Write rates of the ramp, commands/s; 0 = closed loop (max).
+        #[arg(long, env = "BENCH_RATES", value_delimiter = ',', default_value = "100,200,400,800,0")]
+        rates: Vec<u32>,
+        #[arg(long, env = "BENCH_STEP_SECS", default_value_t = 10)]
+        step_secs: u64,
+        /// Reads per write.
+        #[arg(long, env = "BENCH_READ_RATIO", default_value_t = 1)]
+        read_ratio: u32,
+        #[arg(long, env = "BENCH_CONCURRENCY", default_value_t = 64)]
+        concurrency: usize,
+        /// pgbench clients.
+        #[arg(long, env = "BENCH_PGBENCH_CLIENTS", default_value_t = 8)]
+        pgbench_clients: u32,
+        #[arg(long, env = "CQRS_E2E_OUT", default_value = "e2e/out")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// The seed's scenario: users, products, orders; then every record read back and compared.
+    Seed {
+        #[command(flatten)]
+        target: Target_,
+        #[arg(long, env = "SEED_USERS", default_value_t = 2000)]
+        users: usize,
+        #[arg(long, env = "SEED_PRODUCTS", default_value_t = 2000)]
+        products: usize,
+        #[arg(long, env = "SEED_ORDERS", default_value_t = 2000)]
+        orders: usize,
+        #[arg(long, env = "SEED_CONCURRENCY", default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long, env = "SEED_MAX_ITEMS", default_value_t = 3)]
+        max_items: usize,
+        #[arg(long, env = "SEED_RANDOM_SEED", default_value_t = 7)]
+        seed: u64,
+        #[arg(long, env = "CQRS_E2E_OUT", default_value = "e2e/out")]
+        out: PathBuf,
+    },
+}
+
+fn write_json(out: &PathBuf, name: &str, v: &impl serde::Serialize) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(out)?;
+    let ts = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
+    let p = out.join(format!("{name}-{ts}.json"));
+    std::fs::write(&p, serde_json::to_vec_pretty(v)?)?;
+    Ok(p)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match real_main().await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("cqrs-e2e: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn real_main() -> anyhow::Result<bool> {
+    let Args { command } = Args::parse();
+    match command {
+        Cmd::Scenario { which: Scenario::Seed { target, users, products, orders, concurrency, max_items, seed, out } } => {
+            let gw = target.gateway()?;
+            let r = seed::run(
+                &gw,
+                &SeedOptions { users, products, orders, concurrency, max_items, seed, progress: true },
+            )
+            .await?;
+            r.print();
+            let p = write_json(&out, "seed", &r)?;
+            println!("report: {}", p.display());
+            Ok(r.passed() && r.verified == (users + products + orders) as u64)
+        }
+        Cmd::Hostile { target, out } => {
+            let gw = target.gateway()?;
+            let r = hostile::run(&gw).await?;
+            r.print();
+            let p = write_json(&out, "hostile", &r)?;
+            println!("report: {}", p.display());
+            Ok(r.passed())
+        }
+        Cmd::Chaos { rounds, rate, acks_between, mongo_graceful, out } => {
+            eprintln!("chaos: starting private PostgreSQL, Kafka, Mongo-wire server and the services…");
+            let mut infra = PrivateInfra::start().await?;
+            let mut stack = Stack::start(infra.stack_config(true)?).await?;
+            let mongo = if mongo_graceful { Target::MongoStop } else { Target::Mongo };
+            let o = ChaosOptions {
+                rounds,
+                rate,
+                acks_between,
+                targets: vec![Target::Mutation, Target::Query, Target::Kafka, mongo],
+            };
+            let r = chaos::run(&mut stack, &mut infra.chaos, &o).await;
+            stack.stop().await;
+            let r = r?;
+            r.print();
+            let p = write_json(&out, "chaos", &r)?;
+            println!("report: {}", p.display());
+            Ok(r.passed())
+        }
+        Cmd::Bench { rates, step_secs, read_ratio, concurrency, pgbench_clients, out } => {
+            eprintln!("bench: starting private PostgreSQL, Kafka, Mongo-wire server and the services…");
+            let infra = PrivateInfra::start().await?;
+            // Production argon2 settings: user creation is not part of the ramp (products are).
+            let stack = Stack::start(infra.stack_config(false)?).await?;
+            let o = BenchOptions {
+                rates,
+                step_secs,
+                read_ratio,
+                max_concurrency: concurrency,
+                pgbench_clients,
+                ..Default::default()
+            };
+            let r = bench::run(
+                &stack.gateway,
+                &infra.pg.url("postgres"),
+                &infra.chaos.kafka.bootstrap(),
+                &infra.chaos.mongo.url(),
+                &o,
+            )
+            .await;
+            stack.stop().await;
+            let r = r?;
+            r.print();
+            let p = write_json(&out, "bench", &r)?;
+            let svg = p.with_extension("svg");
+            std::fs::write(&svg, r.svg())?;
+            println!("report: {}\nchart:  {}", p.display(), svg.display());
+            Ok(true)
+        }
+    }
+}
