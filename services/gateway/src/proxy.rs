@@ -21,6 +21,7 @@ use axum::{
 };
 use bytes::Bytes;
 use cqrs_common::Problem;
+use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use prometheus::IntCounterVec;
@@ -241,6 +242,9 @@ impl IntoResponse for ProxyError {
         .into_response()
     }
 }
+
+/// Responses up to this size with a declared `Content-Length` are collected before being sent on.
+const SMALL_RESPONSE: u64 = 16 * 1024;
 
 /// Request-body state shared between the streaming body (inside the client) and the handler.
 const BODY_OK: u8 = 0;
@@ -600,6 +604,24 @@ impl Gateway {
 
         let (mut rparts, rbody) = res.into_parts();
         strip_hop_by_hop(&mut rparts.headers);
+        let declared = rparts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if class != RouteClass::Stream && declared.is_some_and(|n| n <= SMALL_RESPONSE) {
+            // Small, declared-length bodies (the typical JSON answer) are collected first, so head and body
+            // leave in one write and a body that stalls can still be answered with a clean 504. Anything
+            // larger, unsized or SSE streams through.
+            let body = tokio::time::timeout_at(deadline, rbody.collect())
+                .await
+                .map_err(|_| timed_out())?
+                .map_err(|e| ProxyError::BadGateway {
+                    upstream: upstream.name,
+                    cause: error_chain(&e),
+                })?;
+            return Ok(Response::from_parts(rparts, Body::from(body.to_bytes())));
+        }
         let body = ResponseBody {
             inner: rbody,
             deadline: (class != RouteClass::Stream)
