@@ -245,3 +245,49 @@ async fn junk_request_targets_get_4xx_and_the_gateway_survives() {
         0.0
     );
 }
+
+#[tokio::test]
+async fn beyond_max_connections_new_clients_wait_until_a_slot_frees() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (m, q) = (
+        TestUpstream::start("mutation"),
+        TestUpstream::start("query"),
+    );
+    let mut cfg = config(&m, &q);
+    cfg.auth = cqrs_gateway::AuthSettings::Disabled;
+    cfg.max_connections = 1;
+    let gw = spawn_gateway(cfg).await;
+
+    let first = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    // The kernel completes the second handshake (backlog), but the gateway does not take the connection.
+    let mut second = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    second
+        .write_all(b"GET /product/1 HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = Vec::new();
+    // A negative check needs a window: nothing may arrive while the only slot is taken.
+    let early =
+        tokio::time::timeout(Duration::from_millis(300), second.read_to_end(&mut buf)).await;
+    assert!(
+        early.is_err(),
+        "served beyond the connection cap: {}",
+        String::from_utf8_lossy(&buf)
+    );
+    assert_eq!(gw.metric("cqrs_gateway_open_connections", &[]), 1.0);
+    drop(first);
+    tokio::time::timeout(PATIENCE, second.read_to_end(&mut buf))
+        .await
+        .expect("served once a slot frees")
+        .expect("read");
+    assert_eq!(
+        raw_status(&buf),
+        Some(200),
+        "{}",
+        String::from_utf8_lossy(&buf)
+    );
+}
