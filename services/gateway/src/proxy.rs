@@ -405,11 +405,20 @@ impl Gateway {
                 e.into_response()
             }
         };
+        let elapsed = start.elapsed();
+        tracing::debug!(
+            request_id = ?rid,
+            method,
+            route = class.as_str(),
+            status = res.status().as_u16(),
+            elapsed_us = elapsed.as_micros() as u64,
+            "proxied"
+        );
         res.headers_mut().insert(X_REQUEST_ID.clone(), rid);
         self.metrics
             .duration
             .with_label_values(&[class.as_str(), method])
-            .observe(start.elapsed().as_secs_f64());
+            .observe(elapsed.as_secs_f64());
         self.metrics
             .requests
             .with_label_values(&[class.as_str(), method, res.status().as_str()])
