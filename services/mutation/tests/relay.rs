@@ -299,7 +299,7 @@ async fn kafka_down_commands_succeed_and_events_arrive_later() {
     let env = cqrs_devstack::test_env("relay-kafka-down").await.unwrap();
     let mut c = cqrs_mutation::Config::for_test(&env.pg_url, &kafka.bootstrap(), &env.topic_prefix);
     common::fast_hashing(&mut c);
-    let app = spawn(c).await;
+    let app = spawn(c.clone()).await;
     // 1,000 products created, then 4 updates each: 5,000 commands, versions 1..=5 per aggregate.
     let client = app.client.clone();
     let creates = futures::future::join_all((0..1000).map(|i| {
@@ -359,6 +359,9 @@ async fn kafka_down_commands_succeed_and_events_arrive_later() {
     )
     .await;
     assert_eq!(app.relay_status().await["backlog"], 5000);
+    // Restart the service: the backlog is in the database, the new process resumes it.
+    app.shutdown().await;
+    let app = spawn(c).await;
     kafka.start().await.unwrap();
     app.wait_drained(Duration::from_secs(120)).await;
     let events = consume(
