@@ -204,6 +204,8 @@ pub enum ProxyError {
     },
     #[error("the request body could not be read from the client")]
     ClientBody,
+    #[error("the {0} method is not supported by this API")]
+    MethodNotAllowed(Method),
     #[error("the request target cannot be forwarded: {0}")]
     BadTarget(String),
 }
@@ -237,6 +239,9 @@ impl IntoResponse for ProxyError {
                 Problem::new(StatusCode::GATEWAY_TIMEOUT, "upstream-timeout", detail)
             }
             ProxyError::ClientBody => Problem::bad_request(detail),
+            ProxyError::MethodNotAllowed(_) => {
+                Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", detail)
+            }
             ProxyError::BadTarget(_) => Problem::bad_request(detail),
         }
         .into_response()
@@ -454,7 +459,8 @@ impl Gateway {
                     .inc();
                 tracing::warn!(request_id = ?rid, upstream, ?timeout, "upstream timed out");
             }
-            ProxyError::ClientBody | ProxyError::BadTarget(_) => {}
+            ProxyError::ClientBody | ProxyError::BadTarget(_) | ProxyError::MethodNotAllowed(_) => {
+            }
         }
     }
 
@@ -471,6 +477,11 @@ impl Gateway {
             .map_err(|_| ProxyError::Overloaded)?;
         self.metrics.in_flight.inc();
         let _in_flight = InFlight(&self.metrics);
+
+        // CONNECT would turn the gateway into a tunnel, TRACE reflects headers (cross-site tracing).
+        if req.method() == Method::CONNECT || req.method() == Method::TRACE {
+            return Err(ProxyError::MethodNotAllowed(req.method().clone()));
+        }
 
         let principal = match &self.verifier {
             None => Principal::anonymous_admin(),

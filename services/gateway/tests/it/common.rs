@@ -168,6 +168,7 @@ fn upstream_router(seen: Arc<Observed>) -> Router {
         .route("/upload", post(upload))
         .route("/big", get(big))
         .route("/hang-body", get(hang_body))
+        .route("/stall-small", get(stall_small))
         .route("/hop", get(hop))
         .route("/product/{id}/stream", get(sse))
         .fallback(echo)
@@ -254,6 +255,21 @@ async fn hang_body(State(seen): State<Arc<Observed>>) -> Response {
         tx.closed().await;
     });
     Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).into_response()
+}
+
+/// Declares a small body, sends part of it, then never finishes.
+async fn stall_small(State(seen): State<Arc<Observed>>) -> Response {
+    hit(&seen);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+    tokio::spawn(async move {
+        let _ = tx.send(Ok(Bytes::from_static(b"{\"partial\":"))).await;
+        tx.closed().await;
+    });
+    (
+        [("content-length", "100")],
+        Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+        .into_response()
 }
 
 /// Answers with hop-by-hop headers that must not reach the client.

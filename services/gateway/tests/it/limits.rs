@@ -222,6 +222,8 @@ async fn junk_request_targets_get_4xx_and_the_gateway_survives() {
         b"GET / HTTP/1.1\r\nhost: x\r\nx-bad: \xff\xfe\r\nconnection: close\r\n\r\n",
         b"GET / HTTP/1.1\r\ncontent-length: 5\r\ncontent-length: 6\r\nconnection: close\r\n\r\nhello",
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+        b"CONNECT evil.example:443 HTTP/1.1\r\nhost: evil.example:443\r\nconnection: close\r\n\r\n",
+        b"TRACE / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
     ];
     for req in junk {
         let resp = raw_exchange(gw.addr, req).await;

@@ -88,6 +88,28 @@ async fn a_response_body_that_never_ends_is_cut_at_the_deadline() {
 }
 
 #[tokio::test]
+async fn a_small_body_that_stalls_is_answered_504_not_cut() {
+    let (m, q) = (
+        TestUpstream::start("mutation"),
+        TestUpstream::start("query"),
+    );
+    let mut cfg = config(&m, &q);
+    cfg.read_timeout = Duration::from_millis(300);
+    let gw = spawn_gateway(cfg).await;
+    let res = http()
+        .get(gw.url("/stall-small"))
+        .header("authorization", bearer(&["reader"]))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(
+        json_body(res).await["type"],
+        "urn:cqrs:problem:upstream-timeout"
+    );
+}
+
+#[tokio::test]
 async fn an_upstream_killed_mid_request_gives_502_then_503_and_the_gateway_recovers() {
     let (mut m, mut q) = (
         TestUpstream::start("mutation"),
