@@ -97,7 +97,11 @@ impl BenchReport {
         for s in &self.steps {
             println!(
                 "  target {:>5}/s reads×{}: accepted {:>8.1}/s  write p50 {:>7.2}ms p99 {:>8.2}ms  visible p50 {:>7.2}ms p99 {:>8.2}ms  errors {:?}",
-                if s.target_rate == 0 { "max".to_owned() } else { s.target_rate.to_string() },
+                if s.target_rate == 0 {
+                    "max".to_owned()
+                } else {
+                    s.target_rate.to_string()
+                },
                 s.read_ratio,
                 s.accepted_per_s,
                 s.writes.p50_ms,
@@ -110,9 +114,19 @@ impl BenchReport {
         let b = &self.baselines;
         let f = |x: Option<f64>| x.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.0}"));
         let r = |x: Option<f64>| x.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.2}×"));
-        println!("  raw pgbench (same transaction): {} tps ({})", f(b.pgbench_tps), b.pgbench_note);
-        println!("  raw Mongo-wire insert_many:     {} docs/s", f(b.mongo_insert_docs_per_s));
-        println!("  raw Kafka produce (acks=all):   {} msgs/s", f(b.kafka_produce_msgs_per_s));
+        println!(
+            "  raw pgbench (same transaction): {} tps ({})",
+            f(b.pgbench_tps),
+            b.pgbench_note
+        );
+        println!(
+            "  raw Mongo-wire insert_many:     {} docs/s",
+            f(b.mongo_insert_docs_per_s)
+        );
+        println!(
+            "  raw Kafka produce (acks=all):   {} msgs/s",
+            f(b.kafka_produce_msgs_per_s)
+        );
         println!(
             "  ours: best {:.0} accepted creates/s = {} of pgbench, {} of Mongo insert, {} of Kafka produce",
             self.best_accepted_per_s,
@@ -130,17 +144,29 @@ impl BenchReport {
                 svg::Series {
                     label: "accepted commands/s",
                     color: "#1f77b4",
-                    points: self.series.iter().map(|s| (s.t, s.accepted_per_s)).collect(),
+                    points: self
+                        .series
+                        .iter()
+                        .map(|s| (s.t, s.accepted_per_s))
+                        .collect(),
                 },
                 svg::Series {
                     label: "projection lag (messages)",
                     color: "#d62728",
-                    points: self.series.iter().map(|s| (s.t, s.lag_messages as f64)).collect(),
+                    points: self
+                        .series
+                        .iter()
+                        .map(|s| (s.t, s.lag_messages as f64))
+                        .collect(),
                 },
                 svg::Series {
                     label: "relay backlog (events)",
                     color: "#2ca02c",
-                    points: self.series.iter().map(|s| (s.t, s.relay_backlog as f64)).collect(),
+                    points: self
+                        .series
+                        .iter()
+                        .map(|s| (s.t, s.relay_backlog as f64))
+                        .collect(),
                 },
             ],
         )
@@ -199,17 +225,19 @@ async fn run_step(
                         if let (Some(id), Some(v)) = (r.id(), r.version()) {
                             if n % every == 0 {
                                 let t = Instant::now();
-                                if let Ok(g) = gw.get_waiting(&format!("/product/{id}"), Some(v), Some(8)).await
+                                if let Ok(g) = gw
+                                    .get_waiting(&format!("/product/{id}"), Some(v), Some(8))
+                                    .await
                                     && g.ok()
                                     && let Ok(mut vv) = vis.lock()
                                 {
                                     vv.push(t.elapsed().as_secs_f64() * 1000.0);
                                 }
                             }
-                            if let Ok(mut i) = ids.lock() {
-                                if i.len() < 100_000 {
-                                    i.push(id);
-                                }
+                            if let Ok(mut i) = ids.lock()
+                                && i.len() < 100_000
+                            {
+                                i.push(id);
                             }
                         }
                     }
@@ -217,10 +245,10 @@ async fn run_step(
                     Err(_) => writes.error("transport", None),
                 }
                 for k in 0..ratio {
-                    let id = ids
-                        .lock()
-                        .ok()
-                        .and_then(|i| (!i.is_empty()).then(|| i[(n as usize + k as usize * 7919) % i.len()].clone()));
+                    let id = ids.lock().ok().and_then(|i| {
+                        (!i.is_empty())
+                            .then(|| i[(n as usize + k as usize * 7919) % i.len()].clone())
+                    });
                     if let Some(id) = id {
                         match gw.get(&format!("/product/{id}"), None).await {
                             Ok(r) if r.ok() => reads.ok(r.latency),
@@ -251,7 +279,9 @@ async fn run_step(
         let mut set = tokio::task::JoinSet::new();
         while Instant::now() < end {
             tick.tick().await;
-            let Ok(p) = sem.clone().acquire_owned().await else { break };
+            let Ok(p) = sem.clone().acquire_owned().await else {
+                break;
+            };
             let f = one();
             set.spawn(async move {
                 f.await;
@@ -291,19 +321,40 @@ pub async fn run_ramp(gw: &Gateway, o: &BenchOptions) -> (Vec<Step>, Vec<Sample>
             let mut tick = tokio::time::interval(Duration::from_millis(500));
             while !stop.load(Ordering::SeqCst) {
                 tick.tick().await;
-                let (lag, backlog) = gw.sync_status().await.map(|s| lag_of(&s)).unwrap_or((-1, -1));
+                let (lag, backlog) = gw
+                    .sync_status()
+                    .await
+                    .map(|s| lag_of(&s))
+                    .unwrap_or((-1, -1));
                 let t = t0.elapsed().as_secs_f64();
                 let a = acked.load(Ordering::Relaxed);
-                let rate = if t > last.0 { (a - last.1) as f64 / (t - last.0) } else { 0.0 };
+                let rate = if t > last.0 {
+                    (a - last.1) as f64 / (t - last.0)
+                } else {
+                    0.0
+                };
                 last = (t, a);
-                out.push(Sample { t, accepted_per_s: rate, lag_messages: lag, relay_backlog: backlog });
+                out.push(Sample {
+                    t,
+                    accepted_per_s: rate,
+                    lag_messages: lag,
+                    relay_backlog: backlog,
+                });
             }
             out
         })
     };
     let mut steps = Vec::new();
     for &rate in &o.rates {
-        eprintln!("  bench: step {} writes/s, {} reads per write", if rate == 0 { "max".into() } else { rate.to_string() }, o.read_ratio);
+        eprintln!(
+            "  bench: step {} writes/s, {} reads per write",
+            if rate == 0 {
+                "max".into()
+            } else {
+                rate.to_string()
+            },
+            o.read_ratio
+        );
         steps.push(run_step(gw, o, rate, acked.clone(), ids.clone()).await);
         // Let the projection catch up between steps (bounded), so each step starts level.
         let _ = gw.wait_caught_up(Duration::from_secs(120)).await;
@@ -315,9 +366,16 @@ pub async fn run_ramp(gw: &Gateway, o: &BenchOptions) -> (Vec<Step>, Vec<Sample>
 
 /// pgbench of the product-creation transaction (state row + event row + outbox row) on a scratch database of
 /// the same server, with the same columns and indexes.
-pub async fn pgbench(pg_admin_url: &str, clients: u32, secs: u64) -> Result<(f64, String), E2eError> {
+pub async fn pgbench(
+    pg_admin_url: &str,
+    clients: u32,
+    secs: u64,
+) -> Result<(f64, String), E2eError> {
     use sqlx::Connection;
-    let db = format!("pgbench_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let db = format!(
+        "pgbench_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
     let mut admin = sqlx::PgConnection::connect(pg_admin_url)
         .await
         .map_err(|e| E2eError::Infra(e.to_string()))?;
@@ -325,7 +383,9 @@ pub async fn pgbench(pg_admin_url: &str, clients: u32, secs: u64) -> Result<(f64
         .execute(&mut admin)
         .await
         .map_err(|e| E2eError::Infra(e.to_string()))?;
-    let base = pg_admin_url.rsplit_once('/').map_or(pg_admin_url, |(b, _)| b);
+    let base = pg_admin_url
+        .rsplit_once('/')
+        .map_or(pg_admin_url, |(b, _)| b);
     let url = format!("{base}/{db}");
     let mut c = sqlx::PgConnection::connect(&url)
         .await
@@ -335,7 +395,10 @@ pub async fn pgbench(pg_admin_url: &str, clients: u32, secs: u64) -> Result<(f64
         "CREATE TABLE events (position bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, event_id uuid NOT NULL UNIQUE, aggregate_type text NOT NULL, aggregate_id uuid NOT NULL, version bigint NOT NULL CHECK (version >= 1), type text NOT NULL, schema_version int NOT NULL, data jsonb NOT NULL, metadata jsonb NOT NULL DEFAULT '{}'::jsonb, occurred_at timestamptz NOT NULL, UNIQUE (aggregate_id, version))",
         "CREATE TABLE outbox (position bigint PRIMARY KEY REFERENCES events (position), created_at timestamptz NOT NULL DEFAULT now())",
     ] {
-        sqlx::query(ddl).execute(&mut c).await.map_err(|e| E2eError::Infra(e.to_string()))?;
+        sqlx::query(ddl)
+            .execute(&mut c)
+            .await
+            .map_err(|e| E2eError::Infra(e.to_string()))?;
     }
     let _ = c.close().await;
     let script = "\\set cents random(100, 99999)\n\
@@ -352,29 +415,53 @@ COMMIT;\n";
         .find(|p| !p.contains('/') || std::path::Path::new(p).exists())
         .unwrap_or("pgbench");
     let out = tokio::process::Command::new(exe)
-        .args(["-n", "-c", &clients.to_string(), "-j", "2", "-T", &secs.to_string(), "-f"])
+        .args([
+            "-n",
+            "-c",
+            &clients.to_string(),
+            "-j",
+            "2",
+            "-T",
+            &secs.to_string(),
+            "-f",
+        ])
         .arg(&file)
         .arg(&url)
         .output()
         .await
         .map_err(|e| E2eError::Infra(format!("pgbench: {e}")))?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("drop database \"{db}\" with (force)")))
-        .execute(&mut admin)
-        .await;
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "drop database \"{db}\" with (force)"
+    )))
+    .execute(&mut admin)
+    .await;
     let tps = text
         .lines()
         .find(|l| l.starts_with("tps ="))
         .and_then(|l| l.split_whitespace().nth(2))
         .and_then(|s| s.parse::<f64>().ok())
-        .ok_or_else(|| E2eError::Infra(format!("pgbench output: {text}{}", String::from_utf8_lossy(&out.stderr))))?;
-    Ok((tps, format!("{clients} clients, {secs}s, 3-row transaction: product + event + outbox")))
+        .ok_or_else(|| {
+            E2eError::Infra(format!(
+                "pgbench output: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        })?;
+    Ok((
+        tps,
+        format!("{clients} clients, {secs}s, 3-row transaction: product + event + outbox"),
+    ))
 }
 
 /// Raw `insert_many` of product-shaped documents in batches of 500.
 pub async fn mongo_insert(url: &str, docs: usize) -> Result<f64, E2eError> {
-    let client = mongodb::Client::with_uri_str(url).await.map_err(|e| E2eError::Infra(e.to_string()))?;
-    let db = client.database(&format!("rawbench_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
+    let client = mongodb::Client::with_uri_str(url)
+        .await
+        .map_err(|e| E2eError::Infra(e.to_string()))?;
+    let db = client.database(&format!(
+        "rawbench_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    ));
     let coll = db.collection::<mongodb::bson::Document>("products");
     let t = Instant::now();
     let mut n = 0;
@@ -382,7 +469,9 @@ pub async fn mongo_insert(url: &str, docs: usize) -> Result<f64, E2eError> {
         let batch: Vec<_> = (n..(n + 500).min(docs))
             .map(|i| mongodb::bson::doc! {"_id": uuid::Uuid::new_v4().to_string(), "name": format!("raw {i}"), "price": "19.99", "priceCents": 1999i64, "description": "bench", "version": 1i64, "lastEventId": uuid::Uuid::new_v4().to_string()})
             .collect();
-        coll.insert_many(batch).await.map_err(|e| E2eError::Infra(e.to_string()))?;
+        coll.insert_many(batch)
+            .await
+            .map_err(|e| E2eError::Infra(e.to_string()))?;
         n += 500;
     }
     let rate = docs as f64 / t.elapsed().as_secs_f64();
@@ -398,13 +487,19 @@ pub async fn kafka_produce(bootstrap: &str, msgs: usize) -> Result<f64, E2eError
         client::DefaultClientContext,
         producer::{FutureProducer, FutureRecord},
     };
-    let topic = format!("rawbench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let topic = format!(
+        "rawbench-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .create()
         .map_err(|e| E2eError::Infra(e.to_string()))?;
     admin
-        .create_topics(&[NewTopic::new(&topic, 3, TopicReplication::Fixed(1))], &AdminOptions::new())
+        .create_topics(
+            &[NewTopic::new(&topic, 3, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
         .await
         .map_err(|e| E2eError::Infra(e.to_string()))?;
     let p: FutureProducer = ClientConfig::new()
@@ -421,9 +516,12 @@ pub async fn kafka_produce(bootstrap: &str, msgs: usize) -> Result<f64, E2eError
             let (p, topic, payload) = (p.clone(), topic.clone(), payload.clone());
             async move {
                 let key = format!("k{}", i % 1000);
-                p.send(FutureRecord::to(&topic).key(&key).payload(&payload), Duration::from_secs(30))
-                    .await
-                    .is_ok()
+                p.send(
+                    FutureRecord::to(&topic).key(&key).payload(&payload),
+                    Duration::from_secs(30),
+                )
+                .await
+                .is_ok()
             }
         })
         .buffer_unordered(2000)

@@ -59,7 +59,12 @@ impl Default for ChaosOptions {
             rounds: 3,
             rate: 40,
             acks_between: 40,
-            targets: vec![Target::Mutation, Target::Query, Target::Kafka, Target::Mongo],
+            targets: vec![
+                Target::Mutation,
+                Target::Query,
+                Target::Kafka,
+                Target::Mongo,
+            ],
         }
     }
 }
@@ -106,12 +111,19 @@ impl ChaosReport {
             && self.kafka.out_of_order == 0
     }
     pub fn print(&self) {
-        println!("chaos: {} commands acknowledged under load", self.acknowledged);
+        println!(
+            "chaos: {} commands acknowledged under load",
+            self.acknowledged
+        );
         println!("  {}", self.load.line());
         for r in &self.recoveries {
             println!(
                 "  {:<8} {:<10} round {}: back up in {:>6.2}s, writes+reads recovered in {:>6.2}s",
-                if r.target == Target::MongoStop { "stop" } else { "kill -9" },
+                if r.target == Target::MongoStop {
+                    "stop"
+                } else {
+                    "kill -9"
+                },
                 format!("{:?}", r.target).to_lowercase(),
                 r.round + 1,
                 r.restart_s,
@@ -119,7 +131,11 @@ impl ChaosReport {
             );
         }
         println!("  caught up {:.2}s after the load stopped", self.catch_up_s);
-        for (name, t) in [("postgres", &self.postgres), ("kafka", &self.kafka), ("read model", &self.read_model)] {
+        for (name, t) in [
+            ("postgres", &self.postgres),
+            ("kafka", &self.kafka),
+            ("read model", &self.read_model),
+        ] {
             println!(
                 "  {name:<10}: checked {:>6}, lost {}, duplicated {}, out of order {}",
                 t.checked, t.lost, t.duplicated, t.out_of_order
@@ -197,11 +213,17 @@ async fn one_command(gw: &Gateway, load: &Load, seq: u64, pick: u32) {
     match gw.send_json(method, &path, Some(&body), &[]).await {
         Ok(r) if r.ok() => {
             load.rec.ok(r.latency);
-            let (Some(id), Some(version)) = (r.id().and_then(|s| Uuid::parse_str(&s).ok()), r.version()) else {
+            let (Some(id), Some(version)) =
+                (r.id().and_then(|s| Uuid::parse_str(&s).ok()), r.version())
+            else {
                 load.rec.mismatch();
                 return;
             };
-            load.push(Ack { aggregate: agg, id, version });
+            load.push(Ack {
+                aggregate: agg,
+                id,
+                version,
+            });
             match agg {
                 AggregateType::User => {
                     if let Ok(mut u) = load.users.lock() {
@@ -254,7 +276,10 @@ async fn probe_until_ok(gw: &Gateway, timeout: Duration) -> Result<(), E2eError>
         match gw.post("/product", &body).await {
             Ok(r) if r.ok() => {
                 if let (Some(id), Some(v)) = (r.id(), r.version()) {
-                    match gw.get_waiting(&format!("/product/{id}"), Some(v), Some(5)).await {
+                    match gw
+                        .get_waiting(&format!("/product/{id}"), Some(v), Some(5))
+                        .await
+                    {
                         Ok(g) if g.ok() => return Ok(()),
                         Ok(g) => last = format!("read {}", g.status),
                         Err(e) => last = e.to_string(),
@@ -266,7 +291,9 @@ async fn probe_until_ok(gw: &Gateway, timeout: Duration) -> Result<(), E2eError>
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    Err(E2eError::Timeout(format!("no recovery within {timeout:?}: {last}")))
+    Err(E2eError::Timeout(format!(
+        "no recovery within {timeout:?}: {last}"
+    )))
 }
 
 async fn wait_acks(load: &Load, n: u64, timeout: Duration) -> Result<(), E2eError> {
@@ -274,7 +301,9 @@ async fn wait_acks(load: &Load, n: u64, timeout: Duration) -> Result<(), E2eErro
     let deadline = Instant::now() + timeout;
     while load.acked.load(Ordering::SeqCst) < start + n {
         if Instant::now() > deadline {
-            return Err(E2eError::Timeout(format!("load made no progress: {n} acks not reached in {timeout:?}")));
+            return Err(E2eError::Timeout(format!(
+                "load made no progress: {n} acks not reached in {timeout:?}"
+            )));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -303,7 +332,15 @@ pub async fn run(
         for round in 0..o.rounds {
             for target in &o.targets {
                 let killed = Instant::now();
-                eprintln!("  chaos: {} {target:?} (round {})", if *target == Target::MongoStop { "stop" } else { "kill -9" }, round + 1);
+                eprintln!(
+                    "  chaos: {} {target:?} (round {})",
+                    if *target == Target::MongoStop {
+                        "stop"
+                    } else {
+                        "kill -9"
+                    },
+                    round + 1
+                );
                 match target {
                     Target::Mutation => {
                         stack.kill(Component::Mutation)?;
@@ -314,22 +351,49 @@ pub async fn run(
                         stack.restart(Component::Query).await?;
                     }
                     Target::Kafka => {
-                        infra.kafka.kill().map_err(|e| E2eError::Infra(e.to_string()))?;
-                        infra.kafka.start().await.map_err(|e| E2eError::Infra(e.to_string()))?;
+                        infra
+                            .kafka
+                            .kill()
+                            .map_err(|e| E2eError::Infra(e.to_string()))?;
+                        infra
+                            .kafka
+                            .start()
+                            .await
+                            .map_err(|e| E2eError::Infra(e.to_string()))?;
                     }
                     Target::Mongo => {
-                        infra.mongo.kill().map_err(|e| E2eError::Infra(e.to_string()))?;
-                        infra.mongo.start().await.map_err(|e| E2eError::Infra(e.to_string()))?;
+                        infra
+                            .mongo
+                            .kill()
+                            .map_err(|e| E2eError::Infra(e.to_string()))?;
+                        infra
+                            .mongo
+                            .start()
+                            .await
+                            .map_err(|e| E2eError::Infra(e.to_string()))?;
                     }
                     Target::MongoStop => {
-                        infra.mongo.stop().await.map_err(|e| E2eError::Infra(e.to_string()))?;
-                        infra.mongo.start().await.map_err(|e| E2eError::Infra(e.to_string()))?;
+                        infra
+                            .mongo
+                            .stop()
+                            .await
+                            .map_err(|e| E2eError::Infra(e.to_string()))?;
+                        infra
+                            .mongo
+                            .start()
+                            .await
+                            .map_err(|e| E2eError::Infra(e.to_string()))?;
                     }
                 }
                 let restart_s = killed.elapsed().as_secs_f64();
                 probe_until_ok(&gw, Duration::from_secs(120)).await?;
                 let recovered_s = killed.elapsed().as_secs_f64();
-                recoveries.push(Recovery { target: *target, round, restart_s, recovered_s });
+                recoveries.push(Recovery {
+                    target: *target,
+                    round,
+                    restart_s,
+                    recovered_s,
+                });
                 wait_acks(&load, o.acks_between, Duration::from_secs(120)).await?;
             }
         }
@@ -347,9 +411,10 @@ pub async fn run(
     let bootstrap = stack.config.kafka_bootstrap.clone();
     let prefix = stack.config.topic_prefix.clone();
     let acks2 = acks.clone();
-    let kafka = tokio::task::spawn_blocking(move || verify::check_kafka(&bootstrap, &prefix, &acks2))
-        .await
-        .map_err(|e| E2eError::Infra(e.to_string()))??;
+    let kafka =
+        tokio::task::spawn_blocking(move || verify::check_kafka(&bootstrap, &prefix, &acks2))
+            .await
+            .map_err(|e| E2eError::Infra(e.to_string()))??;
     let read_model = verify::check_read_model(&gw, &stack.config.pg_url, &acks, 16).await?;
     Ok(ChaosReport {
         acknowledged: acks.len() as u64,

@@ -93,7 +93,10 @@ impl Resp {
         self.body.get("version").and_then(Value::as_u64)
     }
     pub fn id(&self) -> Option<String> {
-        self.body.get("id").and_then(Value::as_str).map(str::to_owned)
+        self.body
+            .get("id")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
     }
     pub fn content_type(&self) -> &str {
         self.headers
@@ -286,7 +289,10 @@ impl Gateway {
             };
             let r = self.get(&url, None).await?;
             if !r.ok() {
-                return Err(E2eError::Http(format!("GET {url}: {} {}", r.status, r.text)));
+                return Err(E2eError::Http(format!(
+                    "GET {url}: {} {}",
+                    r.status, r.text
+                )));
             }
             n += r.body["items"].as_array().map_or(0, |a| a.len() as u64);
             match r.body["nextCursor"].as_str() {

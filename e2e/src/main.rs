@@ -28,7 +28,11 @@ struct Args {
 #[derive(Debug, ClapArgs)]
 struct Target_ {
     /// Gateway base URL.
-    #[arg(long, env = "CQRS_GATEWAY_URL", default_value = "http://127.0.0.1:3123")]
+    #[arg(
+        long,
+        env = "CQRS_GATEWAY_URL",
+        default_value = "http://127.0.0.1:3123"
+    )]
     gateway: String,
     /// HS256 secret of the gateway (default: the local devstack's secret file).
     #[arg(long, env = "AUTH_JWT_SECRET", hide_env_values = true)]
@@ -49,7 +53,12 @@ impl Target_ {
             (None, None) => {
                 let f = cqrs_devstack::cache_dir().join("stacks/local/jwt-secret");
                 std::fs::read_to_string(&f)
-                    .with_context(|| format!("no --secret given and {} unreadable (is `just up` running?)", f.display()))?
+                    .with_context(|| {
+                        format!(
+                            "no --secret given and {} unreadable (is `just up` running?)",
+                            f.display()
+                        )
+                    })?
                     .trim_end()
                     .to_owned()
             }
@@ -93,7 +102,12 @@ enum Cmd {
     /// Raw baselines + a ramp of write rates through the gateway (own private servers).
     Bench {
         /// Write rates of the ramp, commands/s; 0 = closed loop (max).
-        #[arg(long, env = "BENCH_RATES", value_delimiter = ',', default_value = "100,200,400,800,0")]
+        #[arg(
+            long,
+            env = "BENCH_RATES",
+            value_delimiter = ',',
+            default_value = "100,200,400,800,0"
+        )]
         rates: Vec<u32>,
         #[arg(long, env = "BENCH_STEP_SECS", default_value_t = 10)]
         step_secs: u64,
@@ -128,6 +142,10 @@ enum Scenario {
         max_items: usize,
         #[arg(long, env = "SEED_RANDOM_SEED", default_value_t = 7)]
         seed: u64,
+        /// Instead of a running gateway: start private PostgreSQL, Kafka, Mongo-wire server and the three
+        /// services (production settings) for this run only.
+        #[arg(long, env = "SEED_PRIVATE")]
+        private: bool,
         #[arg(long, env = "CQRS_E2E_OUT", default_value = "e2e/out")]
         out: PathBuf,
     },
@@ -156,13 +174,45 @@ async fn main() -> ExitCode {
 async fn real_main() -> anyhow::Result<bool> {
     let Args { command } = Args::parse();
     match command {
-        Cmd::Scenario { which: Scenario::Seed { target, users, products, orders, concurrency, max_items, seed, out } } => {
-            let gw = target.gateway()?;
+        Cmd::Scenario {
+            which:
+                Scenario::Seed {
+                    target,
+                    users,
+                    products,
+                    orders,
+                    concurrency,
+                    max_items,
+                    seed,
+                    out,
+                    private,
+                },
+        } => {
+            let (_infra, stack, gw) = if private {
+                eprintln!("seed: starting private PostgreSQL, Kafka, Mongo-wire server and the services…");
+                let infra = PrivateInfra::start().await?;
+                let stack = Stack::start(infra.stack_config(false)?).await?;
+                let gw = stack.gateway.clone();
+                (Some(infra), Some(stack), gw)
+            } else {
+                (None, None, target.gateway()?)
+            };
             let r = seed::run(
                 &gw,
-                &SeedOptions { users, products, orders, concurrency, max_items, seed, progress: true },
+                &SeedOptions {
+                    users,
+                    products,
+                    orders,
+                    concurrency,
+                    max_items,
+                    seed,
+                    progress: true,
+                },
             )
             .await?;
+            if let Some(stack) = stack {
+                stack.stop().await;
+            }
             r.print();
             let p = write_json(&out, "seed", &r)?;
             println!("report: {}", p.display());
@@ -176,11 +226,23 @@ async fn real_main() -> anyhow::Result<bool> {
             println!("report: {}", p.display());
             Ok(r.passed())
         }
-        Cmd::Chaos { rounds, rate, acks_between, mongo_graceful, out } => {
-            eprintln!("chaos: starting private PostgreSQL, Kafka, Mongo-wire server and the services…");
+        Cmd::Chaos {
+            rounds,
+            rate,
+            acks_between,
+            mongo_graceful,
+            out,
+        } => {
+            eprintln!(
+                "chaos: starting private PostgreSQL, Kafka, Mongo-wire server and the services…"
+            );
             let mut infra = PrivateInfra::start().await?;
             let mut stack = Stack::start(infra.stack_config(true)?).await?;
-            let mongo = if mongo_graceful { Target::MongoStop } else { Target::Mongo };
+            let mongo = if mongo_graceful {
+                Target::MongoStop
+            } else {
+                Target::Mongo
+            };
             let o = ChaosOptions {
                 rounds,
                 rate,
@@ -195,8 +257,17 @@ async fn real_main() -> anyhow::Result<bool> {
             println!("report: {}", p.display());
             Ok(r.passed())
         }
-        Cmd::Bench { rates, step_secs, read_ratio, concurrency, pgbench_clients, out } => {
-            eprintln!("bench: starting private PostgreSQL, Kafka, Mongo-wire server and the services…");
+        Cmd::Bench {
+            rates,
+            step_secs,
+            read_ratio,
+            concurrency,
+            pgbench_clients,
+            out,
+        } => {
+            eprintln!(
+                "bench: starting private PostgreSQL, Kafka, Mongo-wire server and the services…"
+            );
             let infra = PrivateInfra::start().await?;
             // Production argon2 settings: user creation is not part of the ramp (products are).
             let stack = Stack::start(infra.stack_config(false)?).await?;

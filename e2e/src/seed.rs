@@ -153,10 +153,10 @@ pub fn user_body(run: &str, i: usize) -> Value {
 
 /// The body of the seed's product creation (price as a JSON number with two decimals, like the seed).
 pub fn product_body(run: &str, i: usize, price_cents: i64) -> Value {
-    let price: Value =
-        serde_json::from_str(&format_cents(price_cents)).unwrap_or_else(|_| json!(price_cents / 100));
+    let price: Value = serde_json::from_str(&format_cents(price_cents))
+        .unwrap_or_else(|_| json!(price_cents / 100));
     let mut b = json!({"name": format!("Product {i} {run}"), "price": price});
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         b["description"] = json!(format!("Seed product {i} of run {run}"));
     }
     b
@@ -177,7 +177,12 @@ where
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let prog = show.then(|| {
         let r = rec.clone();
-        tokio::spawn(progress(name.to_owned(), n as u64, move || r.done(), stop_rx))
+        tokio::spawn(progress(
+            name.to_owned(),
+            n as u64,
+            move || r.done(),
+            stop_rx,
+        ))
     });
     let mut out: Vec<Option<T>> = (0..n).map(|_| None).collect();
     let results: Vec<(usize, Option<T>)> = futures::stream::iter(0..n)
@@ -223,7 +228,9 @@ async fn read_back(
             }
         }
     }
-    Err(format!("GET {path}: not visible at version {version} after 6 waits"))
+    Err(format!(
+        "GET {path}: not visible at version {version} after 6 waits"
+    ))
 }
 
 fn check(m: &Mismatches, rec: &Recorder, what: &str, got: &Value, want: &Value) -> bool {
@@ -244,85 +251,129 @@ pub async fn run(gw: &Gateway, o: &SeedOptions) -> Result<SeedReport, E2eError> 
     let mut rng = StdRng::seed_from_u64(o.seed);
 
     // Users.
-    let (users, s) = run_phase("create users", o.users, o.concurrency, o.progress, |i, rec| {
-        let gw = gw.clone();
-        let body = user_body(&run_id, i);
-        let mm = mm.clone();
-        async move {
-            let r = gw.post("/user", &body).await;
-            match r {
-                Ok(r) if r.status.as_u16() == 201 => {
-                    rec.ok(r.latency);
-                    let (Some(id), Some(version)) = (r.id(), r.version()) else {
-                        mm.add(&rec, format!("user {i}: 201 without id/version: {}", r.text));
-                        return None;
-                    };
-                    check(&mm, &rec, &format!("user {id} email (write)"), &r.body["email"], &body["email"]);
-                    if r.body.get("password").is_some() || r.text.contains("argon2") {
-                        mm.add(&rec, format!("user {id}: password material in the response"));
+    let (users, s) = run_phase(
+        "create users",
+        o.users,
+        o.concurrency,
+        o.progress,
+        |i, rec| {
+            let gw = gw.clone();
+            let body = user_body(&run_id, i);
+            let mm = mm.clone();
+            async move {
+                let r = gw.post("/user", &body).await;
+                match r {
+                    Ok(r) if r.status.as_u16() == 201 => {
+                        rec.ok(r.latency);
+                        let (Some(id), Some(version)) = (r.id(), r.version()) else {
+                            mm.add(
+                                &rec,
+                                format!("user {i}: 201 without id/version: {}", r.text),
+                            );
+                            return None;
+                        };
+                        check(
+                            &mm,
+                            &rec,
+                            &format!("user {id} email (write)"),
+                            &r.body["email"],
+                            &body["email"],
+                        );
+                        if r.body.get("password").is_some() || r.text.contains("argon2") {
+                            mm.add(
+                                &rec,
+                                format!("user {id}: password material in the response"),
+                            );
+                        }
+                        Some(UserRec {
+                            id,
+                            email: body["email"].as_str().unwrap_or_default().to_owned(),
+                            name: body["name"].as_str().map(str::to_owned),
+                            version,
+                        })
                     }
-                    Some(UserRec {
-                        id,
-                        email: body["email"].as_str().unwrap_or_default().to_owned(),
-                        name: body["name"].as_str().map(str::to_owned),
-                        version,
-                    })
-                }
-                other => {
-                    rec.error(&status_kind(&other), other.as_ref().ok().map(|r| r.latency));
-                    None
+                    other => {
+                        rec.error(&status_kind(&other), other.as_ref().ok().map(|r| r.latency));
+                        None
+                    }
                 }
             }
-        }
-    })
+        },
+    )
     .await;
     phases.push(s);
     let users: Vec<UserRec> = users.into_iter().flatten().collect();
 
     // Products.
-    let prices: Vec<i64> = (0..o.products).map(|_| rng.random_range(1..=250_000)).collect();
-    let (products, s) = run_phase("create products", o.products, o.concurrency, o.progress, |i, rec| {
-        let gw = gw.clone();
-        let body = product_body(&run_id, i, prices[i]);
-        let cents = prices[i];
-        let mm = mm.clone();
-        async move {
-            let r = gw.post("/product", &body).await;
-            match r {
-                Ok(r) if r.status.as_u16() == 201 => {
-                    rec.ok(r.latency);
-                    let (Some(id), Some(version)) = (r.id(), r.version()) else {
-                        mm.add(&rec, format!("product {i}: 201 without id/version: {}", r.text));
-                        return None;
-                    };
-                    check(&mm, &rec, &format!("product {id} priceCents (write)"), &r.body["priceCents"], &json!(cents));
-                    Some(ProductRec {
-                        id,
-                        name: body["name"].as_str().unwrap_or_default().to_owned(),
-                        price_cents: cents,
-                        description: body["description"].as_str().map(str::to_owned),
-                        version,
-                    })
-                }
-                other => {
-                    rec.error(&status_kind(&other), other.as_ref().ok().map(|r| r.latency));
-                    None
+    let prices: Vec<i64> = (0..o.products)
+        .map(|_| rng.random_range(1..=250_000))
+        .collect();
+    let (products, s) = run_phase(
+        "create products",
+        o.products,
+        o.concurrency,
+        o.progress,
+        |i, rec| {
+            let gw = gw.clone();
+            let body = product_body(&run_id, i, prices[i]);
+            let cents = prices[i];
+            let mm = mm.clone();
+            async move {
+                let r = gw.post("/product", &body).await;
+                match r {
+                    Ok(r) if r.status.as_u16() == 201 => {
+                        rec.ok(r.latency);
+                        let (Some(id), Some(version)) = (r.id(), r.version()) else {
+                            mm.add(
+                                &rec,
+                                format!("product {i}: 201 without id/version: {}", r.text),
+                            );
+                            return None;
+                        };
+                        check(
+                            &mm,
+                            &rec,
+                            &format!("product {id} priceCents (write)"),
+                            &r.body["priceCents"],
+                            &json!(cents),
+                        );
+                        Some(ProductRec {
+                            id,
+                            name: body["name"].as_str().unwrap_or_default().to_owned(),
+                            price_cents: cents,
+                            description: body["description"].as_str().map(str::to_owned),
+                            version,
+                        })
+                    }
+                    other => {
+                        rec.error(&status_kind(&other), other.as_ref().ok().map(|r| r.latency));
+                        None
+                    }
                 }
             }
-        }
-    })
+        },
+    )
     .await;
     phases.push(s);
     let products: Vec<ProductRec> = products.into_iter().flatten().collect();
 
     // Orders: random users and products.
-    let n_orders = if users.is_empty() || products.is_empty() { 0 } else { o.orders };
+    let n_orders = if users.is_empty() || products.is_empty() {
+        0
+    } else {
+        o.orders
+    };
     let plans: Vec<(usize, Vec<(usize, u32)>)> = (0..n_orders)
         .map(|_| {
             let u = rng.random_range(0..users.len());
             let k = rng.random_range(1..=o.max_items.max(1));
             let items = (0..k)
-                .map(|_| (rng.random_range(0..products.len()), rng.random_range(1..=5u32)))
+                .map(|_| {
+                    (
+                        rng.random_range(0..products.len()),
+                        rng.random_range(1..=5u32),
+                    )
+                })
                 .collect();
             (u, items)
         })
@@ -361,87 +412,216 @@ pub async fn run(gw: &Gateway, o: &SeedOptions) -> Result<SeedReport, E2eError> 
     let write_seconds = t0.elapsed().as_secs_f64();
 
     // Read back every record.
-    let (_, s) = run_phase("verify users", users.len(), o.concurrency, o.progress, |i, rec| {
-        let gw = gw.clone();
-        let u = users[i].clone();
-        let mm = mm.clone();
-        async move {
-            match read_back(&gw, &rec, &format!("/user/{}", u.id), u.version).await {
-                Ok(b) => {
-                    let w = format!("user {}", u.id);
-                    check(&mm, &rec, &format!("{w} id"), &b["id"], &json!(u.id));
-                    check(&mm, &rec, &format!("{w} email"), &b["email"], &json!(u.email));
-                    check(&mm, &rec, &format!("{w} name"), &b["name"], &json!(u.name));
-                    check(&mm, &rec, &format!("{w} version"), &b["version"], &json!(u.version));
-                    if b.get("password").is_some() || b.get("passwordHash").is_some() {
-                        mm.add(&rec, format!("{w}: password material in the read model"));
-                    }
-                }
-                Err(e) => mm.add(&rec, e),
-            }
-            Some(())
-        }
-    })
-    .await;
-    phases.push(s);
-    let (_, s) = run_phase("verify products", products.len(), o.concurrency, o.progress, |i, rec| {
-        let gw = gw.clone();
-        let p = products[i].clone();
-        let mm = mm.clone();
-        async move {
-            match read_back(&gw, &rec, &format!("/product/{}", p.id), p.version).await {
-                Ok(b) => {
-                    let w = format!("product {}", p.id);
-                    check(&mm, &rec, &format!("{w} name"), &b["name"], &json!(p.name));
-                    check(&mm, &rec, &format!("{w} priceCents"), &b["priceCents"], &json!(p.price_cents));
-                    check(&mm, &rec, &format!("{w} price"), &b["price"], &json!(format_cents(p.price_cents)));
-                    check(&mm, &rec, &format!("{w} description"), &b["description"], &json!(p.description));
-                    check(&mm, &rec, &format!("{w} version"), &b["version"], &json!(p.version));
-                }
-                Err(e) => mm.add(&rec, e),
-            }
-            Some(())
-        }
-    })
-    .await;
-    phases.push(s);
-    let (_, s) = run_phase("verify orders", orders.len(), o.concurrency, o.progress, |i, rec| {
-        let gw = gw.clone();
-        let ord = orders[i].clone();
-        let user = users[ord.user].clone();
-        let lines: Vec<(ProductRec, u32)> =
-            ord.items.iter().map(|(p, q)| (products[*p].clone(), *q)).collect();
-        let mm = mm.clone();
-        async move {
-            match read_back(&gw, &rec, &format!("/order/{}", ord.id), ord.version).await {
-                Ok(b) => {
-                    let w = format!("order {}", ord.id);
-                    check(&mm, &rec, &format!("{w} user.id"), &b["user"]["id"], &json!(user.id));
-                    check(&mm, &rec, &format!("{w} user.email"), &b["user"]["email"], &json!(user.email));
-                    check(&mm, &rec, &format!("{w} user.name"), &b["user"]["name"], &json!(user.name));
-                    let items = b["items"].as_array().cloned().unwrap_or_default();
-                    if items.len() != lines.len() {
-                        mm.add(&rec, format!("{w}: {} items, want {}", items.len(), lines.len()));
-                    } else {
-                        for (k, (it, (p, q))) in items.iter().zip(&lines).enumerate() {
-                            let line = p.price_cents * i64::from(*q);
-                            check(&mm, &rec, &format!("{w} items[{k}].productId"), &it["productId"], &json!(p.id));
-                            check(&mm, &rec, &format!("{w} items[{k}].productName"), &it["productName"], &json!(p.name));
-                            check(&mm, &rec, &format!("{w} items[{k}].unitPriceCents"), &it["unitPriceCents"], &json!(p.price_cents));
-                            check(&mm, &rec, &format!("{w} items[{k}].quantity"), &it["quantity"], &json!(q));
-                            check(&mm, &rec, &format!("{w} items[{k}].lineTotalCents"), &it["lineTotalCents"], &json!(line));
+    let (_, s) = run_phase(
+        "verify users",
+        users.len(),
+        o.concurrency,
+        o.progress,
+        |i, rec| {
+            let gw = gw.clone();
+            let u = users[i].clone();
+            let mm = mm.clone();
+            async move {
+                match read_back(&gw, &rec, &format!("/user/{}", u.id), u.version).await {
+                    Ok(b) => {
+                        let w = format!("user {}", u.id);
+                        check(&mm, &rec, &format!("{w} id"), &b["id"], &json!(u.id));
+                        check(
+                            &mm,
+                            &rec,
+                            &format!("{w} email"),
+                            &b["email"],
+                            &json!(u.email),
+                        );
+                        check(&mm, &rec, &format!("{w} name"), &b["name"], &json!(u.name));
+                        check(
+                            &mm,
+                            &rec,
+                            &format!("{w} version"),
+                            &b["version"],
+                            &json!(u.version),
+                        );
+                        if b.get("password").is_some() || b.get("passwordHash").is_some() {
+                            mm.add(&rec, format!("{w}: password material in the read model"));
                         }
                     }
-                    let total: i64 = lines.iter().map(|(p, q)| p.price_cents * i64::from(*q)).sum();
-                    check(&mm, &rec, &format!("{w} totalCents"), &b["totalCents"], &json!(total));
-                    check(&mm, &rec, &format!("{w} total"), &b["total"], &json!(format_cents(total)));
-                    check(&mm, &rec, &format!("{w} version"), &b["version"], &json!(ord.version));
+                    Err(e) => mm.add(&rec, e),
                 }
-                Err(e) => mm.add(&rec, e),
+                Some(())
             }
-            Some(())
-        }
-    })
+        },
+    )
+    .await;
+    phases.push(s);
+    let (_, s) = run_phase(
+        "verify products",
+        products.len(),
+        o.concurrency,
+        o.progress,
+        |i, rec| {
+            let gw = gw.clone();
+            let p = products[i].clone();
+            let mm = mm.clone();
+            async move {
+                match read_back(&gw, &rec, &format!("/product/{}", p.id), p.version).await {
+                    Ok(b) => {
+                        let w = format!("product {}", p.id);
+                        check(&mm, &rec, &format!("{w} name"), &b["name"], &json!(p.name));
+                        check(
+                            &mm,
+                            &rec,
+                            &format!("{w} priceCents"),
+                            &b["priceCents"],
+                            &json!(p.price_cents),
+                        );
+                        check(
+                            &mm,
+                            &rec,
+                            &format!("{w} price"),
+                            &b["price"],
+                            &json!(format_cents(p.price_cents)),
+                        );
+                        check(
+                            &mm,
+                            &rec,
+                            &format!("{w} description"),
+                            &b["description"],
+                            &json!(p.description),
+                        );
+                        check(
+                            &mm,
+                            &rec,
+                            &format!("{w} version"),
+                            &b["version"],
+                            &json!(p.version),
+                        );
+                    }
+                    Err(e) => mm.add(&rec, e),
+                }
+                Some(())
+            }
+        },
+    )
+    .await;
+    phases.push(s);
+    let (_, s) = run_phase(
+        "verify orders",
+        orders.len(),
+        o.concurrency,
+        o.progress,
+        |i, rec| {
+            let gw = gw.clone();
+            let ord = orders[i].clone();
+            let user = users[ord.user].clone();
+            let lines: Vec<(ProductRec, u32)> = ord
+                .items
+                .iter()
+                .map(|(p, q)| (products[*p].clone(), *q))
+                .collect();
+            let mm = mm.clone();
+            async move {
+                match read_back(&gw, &rec, &format!("/order/{}", ord.id), ord.version).await {
+                    Ok(b) => {
+                        let w = format!("order {}", ord.id);
+                        check(
+                            &mm,
+                            &rec,
+                            &format!("{w} user.id"),
+                            &b["user"]["id"],
+                            &json!(user.id),
+                        );
+                        check(
+                            &mm,
+                            &rec,
+                            &format!("{w} user.email"),
+                            &b["user"]["email"],
+                            &json!(user.email),
+                        );
+                        check(
+                            &mm,
+                            &rec,
+                            &format!("{w} user.name"),
+                            &b["user"]["name"],
+                            &json!(user.name),
+                        );
+                        let items = b["items"].as_array().cloned().unwrap_or_default();
+                        if items.len() != lines.len() {
+                            mm.add(
+                                &rec,
+                                format!("{w}: {} items, want {}", items.len(), lines.len()),
+                            );
+                        } else {
+                            for (k, (it, (p, q))) in items.iter().zip(&lines).enumerate() {
+                                let line = p.price_cents * i64::from(*q);
+                                check(
+                                    &mm,
+                                    &rec,
+                                    &format!("{w} items[{k}].productId"),
+                                    &it["productId"],
+                                    &json!(p.id),
+                                );
+                                check(
+                                    &mm,
+                                    &rec,
+                                    &format!("{w} items[{k}].productName"),
+                                    &it["productName"],
+                                    &json!(p.name),
+                                );
+                                check(
+                                    &mm,
+                                    &rec,
+                                    &format!("{w} items[{k}].unitPriceCents"),
+                                    &it["unitPriceCents"],
+                                    &json!(p.price_cents),
+                                );
+                                check(
+                                    &mm,
+                                    &rec,
+                                    &format!("{w} items[{k}].quantity"),
+                                    &it["quantity"],
+                                    &json!(q),
+                                );
+                                check(
+                                    &mm,
+                                    &rec,
+                                    &format!("{w} items[{k}].lineTotalCents"),
+                                    &it["lineTotalCents"],
+                                    &json!(line),
+                                );
+                            }
+                        }
+                        let total: i64 = lines
+                            .iter()
+                            .map(|(p, q)| p.price_cents * i64::from(*q))
+                            .sum();
+                        check(
+                            &mm,
+                            &rec,
+                            &format!("{w} totalCents"),
+                            &b["totalCents"],
+                            &json!(total),
+                        );
+                        check(
+                            &mm,
+                            &rec,
+                            &format!("{w} total"),
+                            &b["total"],
+                            &json!(format_cents(total)),
+                        );
+                        check(
+                            &mm,
+                            &rec,
+                            &format!("{w} version"),
+                            &b["version"],
+                            &json!(ord.version),
+                        );
+                    }
+                    Err(e) => mm.add(&rec, e),
+                }
+                Some(())
+            }
+        },
+    )
     .await;
     phases.push(s);
 

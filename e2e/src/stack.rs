@@ -244,7 +244,11 @@ impl Stack {
     }
 
     /// Polls `/readyz` of `c` until it answers 2xx; fails early if the process exits.
-    pub async fn wait_ready(&mut self, c: Component, timeout: Duration) -> Result<Duration, E2eError> {
+    pub async fn wait_ready(
+        &mut self,
+        c: Component,
+        timeout: Duration,
+    ) -> Result<Duration, E2eError> {
         let started = Instant::now();
         let url = format!("{}/readyz", self.url(c));
         let log = self.log_path(c);

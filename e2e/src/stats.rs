@@ -163,8 +163,12 @@ pub fn quantile(samples: &[f64], p: f64) -> f64 {
 }
 
 /// Prints `label: done/total` about once a second until `stop` resolves.
-pub async fn progress<F>(label: String, total: u64, done: F, stop: tokio::sync::watch::Receiver<bool>)
-where
+pub async fn progress<F>(
+    label: String,
+    total: u64,
+    done: F,
+    stop: tokio::sync::watch::Receiver<bool>,
+) where
     F: Fn() -> u64 + Send + 'static,
 {
     let mut stop = stop;

@@ -8,7 +8,9 @@ pub struct Series<'a> {
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// Renders stacked panels (one per series) sharing the x axis (seconds).
@@ -101,8 +103,16 @@ mod tests {
             "t <1>",
             "s",
             &[
-                Series { label: "a", color: "#00f", points: vec![(0.0, 1.0), (1.0, 2.0)] },
-                Series { label: "b", color: "#f00", points: vec![(0.0, 0.0), (2.0, 5.0)] },
+                Series {
+                    label: "a",
+                    color: "#00f",
+                    points: vec![(0.0, 1.0), (1.0, 2.0)],
+                },
+                Series {
+                    label: "b",
+                    color: "#f00",
+                    points: vec![(0.0, 0.0), (2.0, 5.0)],
+                },
             ],
         );
         assert!(svg.starts_with("<svg"));

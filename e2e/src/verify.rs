@@ -70,12 +70,18 @@ pub async fn check_postgres(pg_url: &str, acks: &[Ack]) -> Result<Tally, E2eErro
         match have.get(&(a.id, a.version)) {
             None => {
                 t.lost += 1;
-                t.note(format!("postgres: {} {} v{} missing", a.aggregate, a.id, a.version));
+                t.note(format!(
+                    "postgres: {} {} v{} missing",
+                    a.aggregate, a.id, a.version
+                ));
             }
             Some((ty, n)) => {
                 if *n > 1 {
                     t.duplicated += 1;
-                    t.note(format!("postgres: {} {} v{} ×{n}", a.aggregate, a.id, a.version));
+                    t.note(format!(
+                        "postgres: {} {} v{} ×{n}",
+                        a.aggregate, a.id, a.version
+                    ));
                 }
                 if ty != a.aggregate.as_str() {
                     t.lost += 1;
@@ -95,7 +101,10 @@ pub fn read_topics(
 ) -> Result<HashMap<Uuid, Vec<u64>>, E2eError> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
-        .set("group.id", format!("cqrs-e2e-verify-{}", Uuid::new_v4().simple()))
+        .set(
+            "group.id",
+            format!("cqrs-e2e-verify-{}", Uuid::new_v4().simple()),
+        )
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
         .create()
@@ -162,11 +171,7 @@ pub fn read_topics(
 }
 
 /// Every acknowledged event is in Kafka once, and each aggregate's events come in version order.
-pub fn check_kafka(
-    bootstrap: &str,
-    prefix: &str,
-    acks: &[Ack],
-) -> Result<Tally, E2eError> {
+pub fn check_kafka(bootstrap: &str, prefix: &str, acks: &[Ack]) -> Result<Tally, E2eError> {
     let seen = read_topics(bootstrap, prefix, Duration::from_secs(120))?;
     let mut t = Tally::default();
     // Order: first occurrences must be 1, 2, 3, … in partition order.
@@ -179,7 +184,9 @@ pub fn check_kafka(
                 next += 1;
             } else if *v > next {
                 t.out_of_order += 1;
-                t.note(format!("kafka: {id}: v{v} before v{next} (sequence {versions:?})"));
+                t.note(format!(
+                    "kafka: {id}: v{v} before v{next} (sequence {versions:?})"
+                ));
                 next = v + 1;
             }
         }
@@ -189,12 +196,18 @@ pub fn check_kafka(
         match counts.get(&(a.id, a.version)).copied().unwrap_or(0) {
             0 => {
                 t.lost += 1;
-                t.note(format!("kafka: {} {} v{} missing", a.aggregate, a.id, a.version));
+                t.note(format!(
+                    "kafka: {} {} v{} missing",
+                    a.aggregate, a.id, a.version
+                ));
             }
             1 => {}
             n => {
                 t.duplicated += 1;
-                t.note(format!("kafka: {} {} v{} ×{n}", a.aggregate, a.id, a.version));
+                t.note(format!(
+                    "kafka: {} {} v{} ×{n}",
+                    a.aggregate, a.id, a.version
+                ));
             }
         }
     }
@@ -237,7 +250,7 @@ pub async fn check_read_model(
         let e = latest.entry(a.id).or_insert((a.aggregate, 0));
         e.1 = e.1.max(a.version);
     }
-    let results: Vec<Result<(), String>> = futures::stream::iter(latest.into_iter())
+    let results: Vec<Result<(), String>> = futures::stream::iter(latest)
         .map(|(id, (agg, v))| {
             let want = pg_version.get(&id).copied().unwrap_or(0);
             async move {
@@ -249,11 +262,15 @@ pub async fn check_read_model(
                             return if got == want {
                                 Ok(())
                             } else {
-                                Err(format!("read model: {path} at v{got}, postgres has v{want}"))
+                                Err(format!(
+                                    "read model: {path} at v{got}, postgres has v{want}"
+                                ))
                             };
                         }
                         Ok(r) if r.status.as_u16() == 503 => continue,
-                        Ok(r) => return Err(format!("read model: {path}: {} {}", r.status, r.text)),
+                        Ok(r) => {
+                            return Err(format!("read model: {path}: {} {}", r.status, r.text));
+                        }
                         Err(e) => return Err(format!("read model: {path}: {e}")),
                     }
                 }
@@ -276,10 +293,14 @@ pub async fn check_read_model(
         let n = u64::try_from(n).unwrap_or(0);
         if listed > n {
             t.duplicated += listed - n;
-            t.note(format!("read model lists {listed} {kind}s, postgres has {n}"));
+            t.note(format!(
+                "read model lists {listed} {kind}s, postgres has {n}"
+            ));
         } else if listed < n {
             t.lost += n - listed;
-            t.note(format!("read model lists {listed} {kind}s, postgres has {n}"));
+            t.note(format!(
+                "read model lists {listed} {kind}s, postgres has {n}"
+            ));
         }
     }
     Ok(t)

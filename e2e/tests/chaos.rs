@@ -16,17 +16,29 @@ async fn chaos(name: &str, targets: Vec<Target>) {
         cqrs_devstack::Kafka::start_private(),
         cqrs_devstack::Mongo::start_private()
     );
-    let mut infra = ChaosInfra { kafka: kafka.unwrap(), mongo: mongo.unwrap() };
+    let mut infra = ChaosInfra {
+        kafka: kafka.unwrap(),
+        mongo: mongo.unwrap(),
+    };
     let mut cfg = StackConfig::from_test_env(&env).unwrap();
     cfg.kafka_bootstrap = infra.kafka.bootstrap();
     cfg.mongo_url = infra.mongo.url();
     let mut stack = Stack::start(cfg).await.unwrap();
     eprintln!("infrastructure and stack up in {:?}", t.elapsed());
     let n = targets.len();
-    let opts = ChaosOptions { rounds: 1, rate: 40, acks_between: 30, targets };
+    let opts = ChaosOptions {
+        rounds: 1,
+        rate: 40,
+        acks_between: 30,
+        targets,
+    };
     let report = chaos::run(&mut stack, &mut infra, &opts).await.unwrap();
     report.print();
-    assert!(report.acknowledged > 100, "too little load: {}", report.acknowledged);
+    assert!(
+        report.acknowledged > 100,
+        "too little load: {}",
+        report.acknowledged
+    );
     assert_eq!(report.recoveries.len(), n);
     assert_eq!(report.lost(), 0, "lost acknowledged commands");
     assert_eq!(report.duplicated(), 0, "duplicated commands");
@@ -40,7 +52,12 @@ async fn chaos(name: &str, targets: Vec<Target>) {
 async fn kill_each_component_once_under_load_loses_and_duplicates_nothing() {
     chaos(
         "e2e-chaos",
-        vec![Target::Mutation, Target::Query, Target::Kafka, Target::MongoStop],
+        vec![
+            Target::Mutation,
+            Target::Query,
+            Target::Kafka,
+            Target::MongoStop,
+        ],
     )
     .await;
 }
@@ -54,5 +71,9 @@ async fn kill_each_component_once_under_load_loses_and_duplicates_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "known bug: acknowledged read-model writes lost on kill -9 of the Mongo-wire server"]
 async fn kill_9_of_the_mongo_wire_server_loses_nothing() {
-    chaos("e2e-chaos-mongo", vec![Target::Mongo, Target::Mongo, Target::Mongo]).await;
+    chaos(
+        "e2e-chaos-mongo",
+        vec![Target::Mongo, Target::Mongo, Target::Mongo],
+    )
+    .await;
 }

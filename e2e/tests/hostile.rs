@@ -17,10 +17,16 @@ async fn hostile_input_gets_only_documented_4xx_and_stores_nothing() {
         assert!(alive, "{} crashed", c.name());
     }
     assert!(report.healthy_after);
-    assert_eq!(report.stored_before, report.stored_after, "something was stored");
+    assert_eq!(
+        report.stored_before, report.stored_after,
+        "something was stored"
+    );
     // One known bug is excluded here and kept visible by its own (ignored) test below.
     let unexpected = report.unexpected_except(&[hostile::BODY_OVER_MUTATION_LIMIT]);
-    assert!(unexpected.is_empty(), "answers outside the documented set: {unexpected:#?}");
+    assert!(
+        unexpected.is_empty(),
+        "answers outside the documented set: {unexpected:#?}"
+    );
     stack.stop().await;
 }
 
@@ -36,7 +42,10 @@ async fn body_between_the_two_limits_always_gets_413() {
     let stack = Stack::start(StackConfig::from_test_env(&env).unwrap())
         .await
         .unwrap();
-    let body = format!(r#"{{"name":"x","price":1,"description":"{}"}}"#, "y".repeat(400 << 10));
+    let body = format!(
+        r#"{{"name":"x","price":1,"description":"{}"}}"#,
+        "y".repeat(400 << 10)
+    );
     let req = cqrs_e2e::RawRequest {
         method: reqwest::Method::POST,
         path: "/product".into(),

@@ -32,13 +32,20 @@ fn dashboard_queries() -> Vec<(String, String, String)> {
         let path = entry.unwrap().path();
         let d: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         let file = path.file_name().unwrap().to_string_lossy().into_owned();
-        assert!(d["uid"].is_string() && d["title"].is_string(), "{file}: uid/title");
+        assert!(
+            d["uid"].is_string() && d["title"].is_string(),
+            "{file}: uid/title"
+        );
         for p in d["panels"].as_array().unwrap() {
             let title = p["title"].as_str().unwrap().to_owned();
             let targets = p["targets"].as_array().unwrap();
             assert!(!targets.is_empty(), "{file}: {title} has no query");
             for t in targets {
-                out.push((file.clone(), title.clone(), t["expr"].as_str().unwrap().to_owned()));
+                out.push((
+                    file.clone(),
+                    title.clone(),
+                    t["expr"].as_str().unwrap().to_owned(),
+                ));
             }
         }
     }
@@ -70,7 +77,11 @@ fn promtool_checks_and_unit_tests_the_alert_rules() {
         vec!["check", "rules", "alerts.rules.yml"],
         vec!["test", "rules", "alerts.test.yml"],
     ] {
-        let out = Command::new(&promtool).args(&args).current_dir(&dir).output().unwrap();
+        let out = Command::new(&promtool)
+            .args(&args)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
         assert!(
             out.status.success(),
             "promtool {args:?}:\n{}{}",
@@ -94,21 +105,18 @@ impl Drop for Prometheus {
 }
 
 async fn query(http: &reqwest::Client, base: &str, q: &str) -> Value {
-    let url = reqwest::Url::parse_with_params(&format!("{base}/api/v1/query"), &[("query", q)]).unwrap();
-    http.get(url)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    let url =
+        reqwest::Url::parse_with_params(&format!("{base}/api/v1/query"), &[("query", q)]).unwrap();
+    http.get(url).send().await.unwrap().json().await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scrapes_the_stack_and_every_dashboard_query_works() {
     let prometheus = tool("prometheus");
     let env = cqrs_devstack::test_env("e2e-observability").await.unwrap();
-    let stack = Stack::start(StackConfig::from_test_env(&env).unwrap()).await.unwrap();
+    let stack = Stack::start(StackConfig::from_test_env(&env).unwrap())
+        .await
+        .unwrap();
 
     let dir = tempfile::tempdir().unwrap();
     let port = cqrs_devstack::free_port().unwrap();
@@ -123,28 +131,46 @@ async fn prometheus_scrapes_the_stack_and_every_dashboard_query_works() {
     std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
     let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
     let child = Command::new(prometheus)
-        .arg(format!("--config.file={}", dir.path().join("prometheus.yml").display()))
-        .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+        .arg(format!(
+            "--config.file={}",
+            dir.path().join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
         .arg(format!("--web.listen-address=127.0.0.1:{port}"))
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
         .unwrap();
-    let prom = Prometheus { child, base: format!("http://127.0.0.1:{port}"), _dir: dir };
+    let prom = Prometheus {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+        _dir: dir,
+    };
     let http = reqwest::Client::new();
 
     // All three targets up.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let url = reqwest::Url::parse_with_params(&format!("{}/api/v1/query", prom.base), &[("query", "sum(up)")]).unwrap();
+        let url = reqwest::Url::parse_with_params(
+            &format!("{}/api/v1/query", prom.base),
+            &[("query", "sum(up)")],
+        )
+        .unwrap();
         if let Ok(r) = http.get(url).send().await
             && let Ok(v) = r.json::<Value>().await
             && v["data"]["result"][0]["value"][1] == "3"
         {
             break;
         }
-        assert!(Instant::now() < deadline, "Prometheus did not scrape the three services; log in {:?}", prom._dir.path());
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus did not scrape the three services; log in {:?}",
+            prom._dir.path()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
@@ -152,7 +178,13 @@ async fn prometheus_scrapes_the_stack_and_every_dashboard_query_works() {
     // request now and then) that keeps running while the queries are checked, so rates are never empty.
     let report = seed::run(
         &stack.gateway,
-        &seed::SeedOptions { users: 50, products: 50, orders: 50, concurrency: 8, ..Default::default() },
+        &seed::SeedOptions {
+            users: 50,
+            products: 50,
+            orders: 50,
+            concurrency: 8,
+            ..Default::default()
+        },
     )
     .await
     .unwrap();
@@ -166,10 +198,16 @@ async fn prometheus_scrapes_the_stack_and_every_dashboard_query_works() {
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                 i += 1;
                 if i % 5 == 1 {
-                    let r = gw.post("/user", &seed::user_body("obs", i as usize)).await.unwrap();
+                    let r = gw
+                        .post("/user", &seed::user_body("obs", i as usize))
+                        .await
+                        .unwrap();
                     user = r.id();
                 }
-                let p = gw.post("/product", &seed::product_body("obs", i as usize, 1234)).await.unwrap();
+                let p = gw
+                    .post("/product", &seed::product_body("obs", i as usize, 1234))
+                    .await
+                    .unwrap();
                 if let (Some(id), Some(v)) = (p.id(), p.version()) {
                     let _ = gw.get(&format!("/product/{id}"), Some(v)).await;
                     if let Some(u) = &user {
@@ -177,15 +215,16 @@ async fn prometheus_scrapes_the_stack_and_every_dashboard_query_works() {
                         let _ = gw.post("/order", &body).await;
                     }
                 }
-                if i % 10 == 0 {
-                    let _ = gw.raw(&cqrs_e2e::RawRequest {
-                        method: reqwest::Method::GET,
-                        path: "/product".into(),
-                        headers: vec![],
-                        body: None,
-                        bearer: None,
-                    })
-                    .await;
+                if i.is_multiple_of(10) {
+                    let _ = gw
+                        .raw(&cqrs_e2e::RawRequest {
+                            method: reqwest::Method::GET,
+                            path: "/product".into(),
+                            headers: vec![],
+                            body: None,
+                            bearer: None,
+                        })
+                        .await;
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -200,17 +239,25 @@ async fn prometheus_scrapes_the_stack_and_every_dashboard_query_works() {
         assert_eq!(v["status"], "success", "{file}: {title}: {expr}: {v}");
     }
     for key in KEY_PANELS {
-        assert!(queries.iter().any(|(_, t, _)| t == key), "key panel {key} missing");
+        assert!(
+            queries.iter().any(|(_, t, _)| t == key),
+            "key panel {key} missing"
+        );
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut missing: Vec<String>;
     loop {
         missing = Vec::new();
-        for (file, title, expr) in queries.iter().filter(|(_, t, _)| KEY_PANELS.contains(&t.as_str())) {
+        for (file, title, expr) in queries
+            .iter()
+            .filter(|(_, t, _)| KEY_PANELS.contains(&t.as_str()))
+        {
             let v = query(&http, &prom.base, expr).await;
             let results = v["data"]["result"].as_array().cloned().unwrap_or_default();
             // Data = at least one series with a number (histogram_quantile over no traffic gives NaN).
-            let has = results.iter().any(|r| r["value"][1].as_str().is_some_and(|s| s != "NaN"));
+            let has = results
+                .iter()
+                .any(|r| r["value"][1].as_str().is_some_and(|s| s != "NaN"));
             if !has {
                 missing.push(format!("{file}: {title}: {expr}"));
             }
@@ -220,12 +267,23 @@ async fn prometheus_scrapes_the_stack_and_every_dashboard_query_works() {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    assert!(missing.is_empty(), "key panels without data:\n{}", missing.join("\n"));
+    assert!(
+        missing.is_empty(),
+        "key panels without data:\n{}",
+        missing.join("\n")
+    );
 
     // The alert rules load and evaluate without errors against the real series.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let v: Value = http.get(format!("{}/api/v1/rules", prom.base)).send().await.unwrap().json().await.unwrap();
+        let v: Value = http
+            .get(format!("{}/api/v1/rules", prom.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         let rules: Vec<Value> = v["data"]["groups"]
             .as_array()
             .unwrap()
@@ -236,10 +294,16 @@ async fn prometheus_scrapes_the_stack_and_every_dashboard_query_works() {
         if evaluated {
             // Nothing is wrong with a healthy stack: no alert fires.
             let firing: Vec<&Value> = rules.iter().filter(|r| r["state"] == "firing").collect();
-            assert!(firing.is_empty(), "alerts firing on a healthy stack: {firing:?}");
+            assert!(
+                firing.is_empty(),
+                "alerts firing on a healthy stack: {firing:?}"
+            );
             break;
         }
-        assert!(Instant::now() < deadline, "rules not evaluated healthily: {v}");
+        assert!(
+            Instant::now() < deadline,
+            "rules not evaluated healthily: {v}"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     stop.store(true, std::sync::atomic::Ordering::SeqCst);

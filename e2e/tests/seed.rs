@@ -32,11 +32,19 @@ async fn seed_scenario_writes_and_verifies_every_record() {
     };
     let report = seed::run(&stack.gateway, &opts).await.unwrap();
     report.print();
-    assert!(report.passed(), "seed scenario failed: {:?}", report.mismatch_examples);
+    assert!(
+        report.passed(),
+        "seed scenario failed: {:?}",
+        report.mismatch_examples
+    );
     assert_eq!(report.verified, 3 * n as u64);
 
     // Nothing more and nothing less than what was acknowledged is listed.
-    stack.gateway.wait_caught_up(Duration::from_secs(60)).await.unwrap();
+    stack
+        .gateway
+        .wait_caught_up(Duration::from_secs(60))
+        .await
+        .unwrap();
     for path in ["/user", "/product", "/order"] {
         assert_eq!(stack.gateway.count(path).await.unwrap(), n as u64, "{path}");
     }
