@@ -60,6 +60,14 @@ pub struct QueryConfig {
     /// Partitions of topics created by `--create-topics`.
     #[arg(long, env = "QUERY_TOPIC_PARTITIONS", default_value_t = 3)]
     pub topic_partitions: i32,
+    /// Run the apply loops. `false` makes a read-only replica (reads, streams and admin only); pair it with
+    /// `--change-streams` so its live streams and `X-Min-Version` waits hear about changes.
+    #[arg(long, env = "QUERY_CONSUME", default_value_t = true, action = clap::ArgAction::Set)]
+    pub consume: bool,
+    /// Take live notices (SSE, `X-Min-Version` wake-ups) from MongoDB change streams on the serving
+    /// generation's collections, so every replica sees every change, instead of from this replica's apply loop.
+    #[arg(long, env = "QUERY_CHANGE_STREAMS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub change_streams: bool,
     /// Fault injection for tests: the consumer dies after this many batches were written to MongoDB and
     /// before their offsets are committed (simulates a crash at the worst moment). Never set in production.
     #[arg(long, env = "QUERY_FAULT_CRASH_AFTER_WRITE", hide = true)]
@@ -88,6 +96,8 @@ impl QueryConfig {
             meta_poll_ms: 500,
             create_topics: false,
             topic_partitions: 3,
+            consume: true,
+            change_streams: false,
             fault_crash_after_write: None,
         }
     }

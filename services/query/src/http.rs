@@ -231,7 +231,17 @@ fn decode_cursor(c: &str) -> Option<String> {
     Uuid::try_parse(&s).ok().map(|u| u.hyphenated().to_string())
 }
 
-async fn list(st: AppState, entity: AggregateType, p: ListParams) -> Response {
+type Q<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
+
+fn query_params<T>(q: Q<T>) -> Result<T, Box<Response>> {
+    q.map(|Query(t)| t).map_err(|e| Box::new(Problem::bad_request(format!("invalid query string: {e}")).into_response()))
+}
+
+async fn list(st: AppState, entity: AggregateType, p: Q<ListParams>) -> Response {
+    let p = match query_params(p) {
+        Ok(p) => p,
+        Err(r) => return *r,
+    };
     let limit = match p.limit.as_deref() {
         None | Some("") => st.ctx.config.page_default,
         Some(s) => match s.parse::<u32>() {
@@ -275,13 +285,13 @@ async fn list(st: AppState, entity: AggregateType, p: ListParams) -> Response {
     Json(json!({"items": items, "nextCursor": next, "limit": limit})).into_response()
 }
 
-async fn list_users(State(st): State<AppState>, Query(p): Query<ListParams>) -> Response {
+async fn list_users(State(st): State<AppState>, p: Q<ListParams>) -> Response {
     list(st, AggregateType::User, p).await
 }
-async fn list_products(State(st): State<AppState>, Query(p): Query<ListParams>) -> Response {
+async fn list_products(State(st): State<AppState>, p: Q<ListParams>) -> Response {
     list(st, AggregateType::Product, p).await
 }
-async fn list_orders(State(st): State<AppState>, Query(p): Query<ListParams>) -> Response {
+async fn list_orders(State(st): State<AppState>, p: Q<ListParams>) -> Response {
     list(st, AggregateType::Order, p).await
 }
 
@@ -364,7 +374,11 @@ pub struct StreamParams {
     kind: Option<String>,
 }
 
-async fn stream_type(State(st): State<AppState>, Query(p): Query<StreamParams>) -> Response {
+async fn stream_type(State(st): State<AppState>, p: Q<StreamParams>) -> Response {
+    let p = match query_params(p) {
+        Ok(p) => p,
+        Err(r) => return *r,
+    };
     let Some(entity) = p.kind.as_deref().and_then(AggregateType::parse) else {
         return Problem::bad_request("type must be one of user, product, order").into_response();
     };
@@ -387,7 +401,11 @@ pub struct DlqParams {
     limit: Option<String>,
 }
 
-async fn dlq_list(State(st): State<AppState>, Query(p): Query<DlqParams>) -> Response {
+async fn dlq_list(State(st): State<AppState>, p: Q<DlqParams>) -> Response {
+    let p = match query_params(p) {
+        Ok(p) => p,
+        Err(r) => return *r,
+    };
     let limit = match p.limit.as_deref().map(str::parse::<usize>) {
         None => 100,
         Some(Ok(n)) if (1..=10_000).contains(&n) => n,

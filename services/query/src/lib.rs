@@ -13,6 +13,7 @@ pub mod projector;
 pub mod rebuild;
 pub mod status;
 pub mod store;
+pub mod watch;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -121,6 +122,7 @@ impl Application {
         let ticker = CancellationToken::new();
         let every = Duration::from_millis(ctx.config.meta_poll_ms.max(50));
         let supervise = tokio::spawn(rebuild::supervise(sup.clone(), every, ticker.clone()));
+        let watcher = ctx.config.change_streams.then(|| tokio::spawn(watch::run(ctx.clone(), ticker.clone())));
         let streams = stop_streams.clone();
         let result = serve(
             listener,
@@ -135,6 +137,9 @@ impl Application {
         stop_streams.cancel();
         ticker.cancel();
         let _ = supervise.await;
+        if let Some(w) = watcher {
+            let _ = w.await;
+        }
         sup.shutdown().await;
         tracing::info!("query service stopped");
         result.map_err(QueryError::from)

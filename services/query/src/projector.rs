@@ -297,7 +297,7 @@ async fn apply_batch(
                     }
                     match model::apply(doc.as_ref(), &item.env) {
                         Ok(d) => {
-                            if ctx.serving() == generation {
+                            if ctx.serving() == generation && !ctx.config.change_streams {
                                 states.push((v, model::to_json(&d)));
                             }
                             doc = Some(d);
@@ -395,7 +395,7 @@ async fn apply_batch(
             }
         }
     }
-    if ctx.serving() == generation {
+    if ctx.serving() == generation && !ctx.config.change_streams {
         for c in changes {
             let _ = ctx.notices.send(Notice::Changed(Arc::new(c)));
         }

@@ -262,6 +262,10 @@ impl Supervisor {
             );
             self.ctx.set_serving(meta.serving);
         }
+        if !self.ctx.config.consume {
+            // A read-only replica follows `_meta` but runs no apply loop.
+            return;
+        }
         let serving_ok = local
             .serving
             .as_ref()

@@ -13,6 +13,9 @@ use mongodb::{
 
 use crate::{error::QueryError, model::collection_name};
 
+/// Ids per `$in` query when loading a batch's current documents.
+const FETCH_CHUNK: usize = 100;
+
 /// Duplicate key: another writer created the document first.
 const DUPLICATE_KEY: i32 = 11000;
 
@@ -60,20 +63,20 @@ impl Store {
         if ids.is_empty() {
             return Ok(HashMap::new());
         }
-        let cursor = self
-            .coll(entity, generation)
-            .find(doc! {"_id": {"$in": ids}})
-            .await?;
-        let docs: Vec<Document> = cursor.try_collect().await?;
-        Ok(docs
-            .into_iter()
-            .filter_map(|d| {
-                d.get_str("_id")
-                    .ok()
-                    .map(str::to_owned)
-                    .map(|id| (id, d.clone()))
-            })
-            .collect())
+        // `$in` lists are kept short: SecantusDB's `$in` gets superlinear (1,000 ids: ~900 docs/s, 100 ids:
+        // ~7,000 docs/s on 2 cores), and short lists cost real MongoDB nothing.
+        let coll = self.coll(entity, generation);
+        let mut out = HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(FETCH_CHUNK) {
+            let cursor = coll.find(doc! {"_id": {"$in": chunk}}).await?;
+            let docs: Vec<Document> = cursor.try_collect().await?;
+            for d in docs {
+                if let Ok(id) = d.get_str("_id").map(str::to_owned) {
+                    out.insert(id, d);
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Writes new documents with one `insert` command and changed ones with one `update` command, each

@@ -359,3 +359,32 @@ async fn two_replicas_share_the_partitions_and_both_serve_read_your_writes() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn change_streams_feed_live_streams_of_a_read_only_replica() {
+    let env = env("change-streams").await;
+    let mut cfg = env.config.clone();
+    cfg.change_streams = true;
+    let writer = start(cfg.clone()).await;
+    cfg.consume = false;
+    let reader = start(cfg).await;
+    let p = Uuid::new_v4();
+    env.send(&product_created(p, "Widget", 100)).await;
+    writer.wait_caught_up().await;
+
+    let mut stream = reader.get(&format!("/product/{p}/stream")).await.bytes_stream();
+    let mut buf = String::new();
+    let (ev, data) = next_event(&mut stream, &mut buf).await;
+    assert_eq!((ev.as_str(), data["version"].as_u64()), ("snapshot", Some(1)));
+    env.send(&product_updated(p, 2, "Widget 2", 200)).await;
+    let (ev, data) = next_event(&mut stream, &mut buf).await;
+    assert_eq!(ev, "change");
+    assert_eq!(data["version"], 2);
+    assert_eq!(data["doc"]["name"], "Widget 2");
+    let r = reader.http.get(reader.url(&format!("/product/{p}"))).header("X-Min-Version", "2").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(reader.metric("cqrs_query_events_applied_total", ""), 0.0, "the read-only replica applies nothing");
+    drop(stream);
+    reader.stop().await;
+    writer.stop().await;
+}

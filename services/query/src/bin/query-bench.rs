@@ -36,6 +36,13 @@ struct Args {
     seconds: u64,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Creates,
+    Updates,
+    Mixed,
+}
+
 fn product_doc(i: usize) -> mongodb::bson::Document {
     doc! {
         "_id": Uuid::new_v4().to_string(), "name": format!("product {i}"), "price": "19.99", "priceCents": 1999_i64,
@@ -113,25 +120,50 @@ fn applied(ctx: &cqrs_query::Ctx) -> f64 {
 }
 
 /// Applies `n` pre-produced events with `batch` and returns events/s from the first applied batch to the last.
-async fn throughput(args: &Args, producer: &FutureProducer, batch: usize, n: usize, mixed: bool) -> anyhow::Result<f64> {
+/// `Updates`: n products are created first (not measured), then one update each is measured (no two events
+/// of one aggregate in a batch, so nothing coalesces: every event is one guarded update).
+async fn throughput(args: &Args, producer: &FutureProducer, batch: usize, n: usize, kind: Kind) -> anyhow::Result<f64> {
     let (mut cfg, topics) = fresh(args, &format!("b{batch}")).await?;
     cfg.batch_size = batch;
     cfg.batch_wait_ms = 20;
-    produce(producer, &topics, &workload(n, mixed)).await?;
+    let events = workload(n, kind == Kind::Mixed);
+    produce(producer, &topics, &events).await?;
+    let mut target = n as f64;
+    let mut offset = 0.0;
     let app = Application::build(cfg).await?;
     let ctx = app.ctx();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let run = tokio::spawn(app.run_until_stopped(async move {
         let _ = rx.await;
     }));
+    if kind == Kind::Updates {
+        let deadline = Instant::now() + Duration::from_secs(900);
+        while applied(&ctx) < n as f64 {
+            anyhow::ensure!(Instant::now() < deadline, "creates not applied");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        offset = n as f64;
+        target = 2.0 * n as f64;
+        let updates: Vec<Envelope> = events
+            .iter()
+            .map(|e| {
+                Envelope::new(
+                    e.aggregate_id,
+                    2,
+                    EventPayload::ProductUpdated(ProductUpdated { name: "u".into(), price_cents: 1, description: None }),
+                )
+            })
+            .collect();
+        produce(producer, &topics, &updates).await?;
+    }
     let mut first: Option<(Instant, f64)> = None;
     let deadline = Instant::now() + Duration::from_secs(900);
     let rate = loop {
         let a = applied(&ctx);
-        if a > 0.0 && first.is_none() {
+        if a > offset && first.is_none() {
             first = Some((Instant::now(), a));
         }
-        if a >= n as f64 {
+        if a >= target {
             let (t0, a0) = first.unwrap_or((Instant::now(), 0.0));
             let secs = t0.elapsed().as_secs_f64().max(1e-3);
             break (a - a0) / secs;
@@ -153,6 +185,33 @@ async fn raw_insert_rate(args: &Args, n: usize) -> anyhow::Result<f64> {
     let t = Instant::now();
     for chunk in docs.chunks(1000) {
         coll.insert_many(chunk.to_vec()).await?;
+    }
+    Ok(n as f64 / t.elapsed().as_secs_f64())
+}
+
+/// The same server's rate for the update path alone: one `update` command per 100 documents, each statement
+/// guarded `{_id, version: {$lt: 2}}` with upsert, on documents that exist (what the projection sends).
+async fn raw_guarded_update_rate(args: &Args, n: usize) -> anyhow::Result<f64> {
+    let client = mongodb::Client::with_uri_str(&args.mongo_url).await?;
+    let db = client.database(&format!("bench_rawu_{}", &Uuid::new_v4().simple().to_string()[..8]));
+    let coll = db.collection::<mongodb::bson::Document>("raw");
+    let docs: Vec<_> = (0..n).map(product_doc).collect();
+    for chunk in docs.chunks(1000) {
+        coll.insert_many(chunk.to_vec()).await?;
+    }
+    let t = Instant::now();
+    for chunk in docs.chunks(100) {
+        let updates: Vec<mongodb::bson::Bson> = chunk
+            .iter()
+            .map(|d| {
+                let mut u = d.clone();
+                u.insert("version", 2_i64);
+                mongodb::bson::Bson::Document(doc! {
+                    "q": {"_id": d.get("_id").cloned(), "version": {"$lt": 2_i64}}, "u": u, "upsert": true,
+                })
+            })
+            .collect();
+        db.run_command(doc! {"update": "raw", "updates": updates, "ordered": false}).await?;
     }
     Ok(n as f64 / t.elapsed().as_secs_f64())
 }
@@ -228,14 +287,21 @@ async fn main() -> anyhow::Result<()> {
     let n = args.events;
     let raw = raw_insert_rate(&args, n).await?;
     println!("raw insert_many (chunks of 1000) on the Mongo-wire server: {raw:.0} docs/s");
-    for mixed in [false, true] {
-        let label = if mixed { "mixed (create + 2 updates per product)" } else { "creates only" };
+    let rawu = raw_guarded_update_rate(&args, n).await?;
+    println!("raw guarded update command (chunks of 100, upsert) on the same server: {rawu:.0} docs/s");
+    for kind in [Kind::Creates, Kind::Updates, Kind::Mixed] {
+        let label = match kind {
+            Kind::Creates => "creates only",
+            Kind::Updates => "updates only (1 per product per batch)",
+            Kind::Mixed => "mixed (create + 2 updates per product, coalesced per batch)",
+        };
         for batch in [1usize, 100, 1000] {
             let count = if batch == 1 { (n / 10).max(100) } else { n };
-            let rate = throughput(&args, &producer, batch, count, mixed).await?;
+            let rate = throughput(&args, &producer, batch, count, kind).await?;
             println!(
-                "projection, {label}, batch size {batch:>4}: {rate:>7.0} events/s ({:.2}× raw insert_many), {count} events",
-                rate / raw
+                "projection, {label}, batch size {batch:>4}: {rate:>7.0} events/s ({:.2}× raw insert_many, {:.2}× raw guarded update), {count} events",
+                rate / raw,
+                rate / rawu
             );
         }
     }
