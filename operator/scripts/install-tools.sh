@@ -7,6 +7,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 . "$here/../../crates/devstack/scripts/common.sh"
 bin="$CQRS_CACHE/tools/bin"
 venv="$CQRS_CACHE/venv-kubernetes-validate-$KUBEVALIDATE_VERSION"
+SCHEMA_K8S_VERSION="${SCHEMA_K8S_VERSION:-1.34.0}"
 mkdir -p "$bin"
 
 if [[ ! -x "$bin/helm" || ! -f "$(done_marker helm-$HELM_VERSION)" ]]; then
@@ -31,6 +32,19 @@ if ! command -v shellcheck >/dev/null; then
   log "installing shellcheck"
   apt-get update -qq >&2 && apt-get install -y -qq shellcheck >&2
 fi
-schemas="$(find "$venv" -type d -name kubernetes-json-schema -print -quit)"
-[[ -n "$schemas" ]] || { echo "kubernetes-json-schema not found in $venv" >&2; exit 1; }
+src="$(find "$venv" -type d -name kubernetes-json-schema -print -quit)"
+[[ -n "$src" ]] || { echo "kubernetes-json-schema not found in $venv" >&2; exit 1; }
+# kubernetes-validate's schemas reference "/api/_definitions.json" (resolved by its own loader); kubeconform
+# resolves references as URLs, so a copy with absolute file:// references is made for the Kubernetes
+# version the tests target.
+schemas="$CQRS_CACHE/kubeconform-schemas-$KUBEVALIDATE_VERSION"
+if [[ ! -f "$(done_marker kubeconform-schemas-$KUBEVALIDATE_VERSION-$SCHEMA_K8S_VERSION)" ]]; then
+  for flavour in local local-strict; do
+    dir="$schemas/v$SCHEMA_K8S_VERSION-$flavour"; mkdir -p "$dir"
+    for f in "$src/v$SCHEMA_K8S_VERSION-$flavour"/*.json; do
+      sed "s#\"/api/_definitions.json#\"file://$dir/_definitions.json#g" "$f" > "$dir/${f##*/}"
+    done
+  done
+  touch "$(done_marker kubeconform-schemas-$KUBEVALIDATE_VERSION-$SCHEMA_K8S_VERSION)"
+fi
 echo "$bin $schemas"

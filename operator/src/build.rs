@@ -78,6 +78,7 @@ pub struct Desired {
 
 /// One owned object, typed where k8s-openapi has a type.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // a handful per reconcile; boxing buys nothing
 pub enum Child {
     ConfigMap(ConfigMap),
     Deployment(Deployment),

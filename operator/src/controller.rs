@@ -391,14 +391,13 @@ async fn delete_if_owned(
     name: &str,
     owner_uid: &str,
 ) -> Result<(), Error> {
-    if let Some(existing) = api.get_opt(name).await? {
-        if existing
+    if let Some(existing) = api.get_opt(name).await?
+        && existing
             .owner_references()
             .iter()
             .any(|o| o.uid == owner_uid)
-        {
-            api.delete(name, &Default::default()).await?;
-        }
+    {
+        api.delete(name, &Default::default()).await?;
     }
     Ok(())
 }

@@ -54,10 +54,10 @@ async fn wait_condition(
 struct PrintOnPanic<'a>(&'a std::sync::Mutex<Option<String>>);
 impl Drop for PrintOnPanic<'_> {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            if let Ok(g) = self.0.lock() {
-                eprintln!("{}", g.as_deref().unwrap_or("no status observed"));
-            }
+        if std::thread::panicking()
+            && let Ok(g) = self.0.lock()
+        {
+            eprintln!("{}", g.as_deref().unwrap_or("no status observed"));
         }
     }
 }

@@ -44,10 +44,10 @@ async fn start_rebuild(State(s): State<Shared>, Json(body): Json<Value>) -> Json
         .as_ref()
         .is_some_and(|r| r.0 == n && r.1 != "cancelled" && r.1 != "failed");
     if !same && n != a.serving {
-        if let Some(r) = a.rebuild.take() {
-            if r.1 == "running" || r.1 == "caughtUp" {
-                a.cancelled.push(r.0);
-            }
+        if let Some(r) = a.rebuild.take()
+            && (r.1 == "running" || r.1 == "caughtUp")
+        {
+            a.cancelled.push(r.0);
         }
         a.rebuild = Some((n, "running".into(), 0.0, 100));
     }
@@ -56,20 +56,20 @@ async fn start_rebuild(State(s): State<Shared>, Json(body): Json<Value>) -> Json
 
 async fn projections(State(s): State<Shared>) -> Json<Value> {
     let mut a = s.lock().unwrap();
-    if a.permits > 0 {
-        if let Some(r) = a.rebuild.clone() {
-            a.permits -= 1;
-            let next = match r.1.as_str() {
-                "running" if r.2 + 0.5 >= 1.0 => Some((r.0, "caughtUp".to_owned(), 1.0, 0)),
-                "running" => Some((r.0, "running".to_owned(), r.2 + 0.5, r.3 / 2)),
-                "caughtUp" => {
-                    a.serving = r.0;
-                    Some((r.0, "switched".to_owned(), 1.0, 0))
-                }
-                _ => Some(r.clone()),
-            };
-            a.rebuild = next;
-        }
+    if a.permits > 0
+        && let Some(r) = a.rebuild.clone()
+    {
+        a.permits -= 1;
+        let next = match r.1.as_str() {
+            "running" if r.2 + 0.5 >= 1.0 => Some((r.0, "caughtUp".to_owned(), 1.0, 0)),
+            "running" => Some((r.0, "running".to_owned(), r.2 + 0.5, r.3 / 2)),
+            "caughtUp" => {
+                a.serving = r.0;
+                Some((r.0, "switched".to_owned(), 1.0, 0))
+            }
+            _ => Some(r.clone()),
+        };
+        a.rebuild = next;
     }
     let rebuild = a
         .rebuild

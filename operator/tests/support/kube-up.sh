@@ -10,13 +10,16 @@ certs="$dir/certs"; mkdir -p "$certs"
 
 cleanup() {
   echo "cleanup: stopping test servers" >&2
-  trap - TERM INT HUP EXIT
+  trap '' TERM INT HUP  # a second signal must not interrupt the cleanup
   # Throwaway servers: SIGKILL, a graceful apiserver shutdown would wait on the already-stopping etcd.
   local pids; pids="$(jobs -p)"
   kill -KILL $pids 2>/dev/null || true
+  echo "cleanup: killed [$pids]" >&2
   wait 2>/dev/null || true
+  echo "cleanup: waited" >&2
   # `wait` can return early inside a trap; make sure the servers are gone before deleting their files.
   for _ in $(seq 100); do kill -0 $pids 2>/dev/null || break; sleep 0.05; done
+  echo "cleanup: removing $dir" >&2
   rm -rf "$dir" || { sleep 0.2; rm -rf "$dir"; }
 }
 trap 'cleanup; exit 0' TERM INT HUP
@@ -90,5 +93,5 @@ echo "READY $dir/kubeconfig"
 # Stay in the foreground; `wait` returns when a server exits or a trap fires.
 wait -n || true
 echo "a test server exited; logs in $dir" >&2
-kill $(jobs -p) 2>/dev/null || true
+jobs -p | xargs -r kill 2>/dev/null || true
 wait || true
