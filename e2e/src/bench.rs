@@ -28,14 +28,18 @@ pub struct BenchOptions {
     pub rates: Vec<u32>,
     /// Seconds per step.
     pub step_secs: u64,
-    /// Reads issued per write (the read mix), e.g. 0, 1, 4.
-    pub read_ratio: u32,
+    /// Read mixes: reads issued per write, e.g. 0, 1, 4; every rate runs with every mix. Each read is of a
+    /// product written earlier in the run, with `X-Min-Version: 1` (a just-written one waits until visible).
+    pub read_ratios: Vec<u32>,
     pub max_concurrency: usize,
     /// Every n-th write also measures its visibility latency.
     pub visibility_every: u64,
     /// Client connections of pgbench.
     pub pgbench_clients: u32,
     pub baseline_secs: u64,
+    /// Documents of the raw Mongo insert, messages of the raw Kafka produce.
+    pub mongo_docs: usize,
+    pub kafka_msgs: usize,
 }
 
 impl Default for BenchOptions {
@@ -43,11 +47,13 @@ impl Default for BenchOptions {
         Self {
             rates: vec![100, 200, 400, 800, 0],
             step_secs: 10,
-            read_ratio: 1,
+            read_ratios: vec![0, 4],
             max_concurrency: 64,
             visibility_every: 10,
             pgbench_clients: 8,
             baseline_secs: 10,
+            mongo_docs: 20_000,
+            kafka_msgs: 100_000,
         }
     }
 }
@@ -186,6 +192,7 @@ async fn run_step(
     gw: &Gateway,
     o: &BenchOptions,
     rate: u32,
+    read_ratio: u32,
     acked: Arc<AtomicU64>,
     ids: Arc<Mutex<Vec<String>>>,
 ) -> Step {
@@ -204,7 +211,7 @@ async fn run_step(
             ids.clone(),
             seq.clone(),
         );
-        let (every, ratio) = (o.visibility_every.max(1), o.read_ratio);
+        let (every, ratio) = (o.visibility_every.max(1), read_ratio);
         move || {
             let (gw, writes, reads, vis, acked, ids, seq) = (
                 gw.clone(),
@@ -250,7 +257,7 @@ async fn run_step(
                             .then(|| i[(n as usize + k as usize * 7919) % i.len()].clone())
                     });
                     if let Some(id) = id {
-                        match gw.get(&format!("/product/{id}"), None).await {
+                        match gw.get(&format!("/product/{id}"), Some(1)).await {
                             Ok(r) if r.ok() => reads.ok(r.latency),
                             Ok(r) => reads.error(r.status.as_str(), Some(r.latency)),
                             Err(_) => reads.error("transport", None),
@@ -297,7 +304,7 @@ async fn run_step(
     let ws = writes.summary();
     Step {
         target_rate: rate,
-        read_ratio: o.read_ratio,
+        read_ratio,
         accepted_per_s: ws.ok as f64 / ws.duration_s.max(0.001),
         writes: ws,
         reads: reads.summary(),
@@ -345,19 +352,18 @@ pub async fn run_ramp(gw: &Gateway, o: &BenchOptions) -> (Vec<Step>, Vec<Sample>
         })
     };
     let mut steps = Vec::new();
-    for &rate in &o.rates {
-        eprintln!(
-            "  bench: step {} writes/s, {} reads per write",
-            if rate == 0 {
-                "max".into()
+    for &ratio in &o.read_ratios {
+        for &rate in &o.rates {
+            let label = if rate == 0 {
+                "max".to_owned()
             } else {
                 rate.to_string()
-            },
-            o.read_ratio
-        );
-        steps.push(run_step(gw, o, rate, acked.clone(), ids.clone()).await);
-        // Let the projection catch up between steps (bounded), so each step starts level.
-        let _ = gw.wait_caught_up(Duration::from_secs(120)).await;
+            };
+            eprintln!("  bench: step {label} writes/s, {ratio} reads per write");
+            steps.push(run_step(gw, o, rate, ratio, acked.clone(), ids.clone()).await);
+            // Let the projection catch up between steps (bounded), so each step starts level.
+            let _ = gw.wait_caught_up(Duration::from_secs(120)).await;
+        }
     }
     stop.store(true, Ordering::SeqCst);
     let series = sampler.await.unwrap_or_default();
@@ -550,9 +556,9 @@ pub async fn run(
         Err(e) => b.pgbench_note = format!("failed: {e}"),
     }
     eprintln!("  bench: raw Mongo insert");
-    b.mongo_insert_docs_per_s = mongo_insert(mongo_url, 20_000).await.ok();
+    b.mongo_insert_docs_per_s = mongo_insert(mongo_url, o.mongo_docs).await.ok();
     eprintln!("  bench: raw Kafka produce");
-    b.kafka_produce_msgs_per_s = kafka_produce(kafka_bootstrap, 100_000).await.ok();
+    b.kafka_produce_msgs_per_s = kafka_produce(kafka_bootstrap, o.kafka_msgs).await.ok();
     let (steps, series) = run_ramp(gw, o).await;
     let best = steps.iter().map(|s| s.accepted_per_s).fold(0.0, f64::max);
     let ratio = |x: Option<f64>| x.filter(|v| *v > 0.0).map(|v| best / v);

@@ -111,9 +111,14 @@ enum Cmd {
         rates: Vec<u32>,
         #[arg(long, env = "BENCH_STEP_SECS", default_value_t = 10)]
         step_secs: u64,
-        /// Reads per write.
-        #[arg(long, env = "BENCH_READ_RATIO", default_value_t = 1)]
-        read_ratio: u32,
+        /// Read mixes (reads per write); every rate runs with every mix.
+        #[arg(
+            long,
+            env = "BENCH_READ_RATIOS",
+            value_delimiter = ',',
+            default_value = "0,4"
+        )]
+        read_ratios: Vec<u32>,
         #[arg(long, env = "BENCH_CONCURRENCY", default_value_t = 64)]
         concurrency: usize,
         /// pgbench clients.
@@ -189,7 +194,9 @@ async fn real_main() -> anyhow::Result<bool> {
                 },
         } => {
             let (_infra, stack, gw) = if private {
-                eprintln!("seed: starting private PostgreSQL, Kafka, Mongo-wire server and the services…");
+                eprintln!(
+                    "seed: starting private PostgreSQL, Kafka, Mongo-wire server and the services…"
+                );
                 let infra = PrivateInfra::start().await?;
                 let stack = Stack::start(infra.stack_config(false)?).await?;
                 let gw = stack.gateway.clone();
@@ -260,7 +267,7 @@ async fn real_main() -> anyhow::Result<bool> {
         Cmd::Bench {
             rates,
             step_secs,
-            read_ratio,
+            read_ratios,
             concurrency,
             pgbench_clients,
             out,
@@ -274,7 +281,7 @@ async fn real_main() -> anyhow::Result<bool> {
             let o = BenchOptions {
                 rates,
                 step_secs,
-                read_ratio,
+                read_ratios,
                 max_concurrency: concurrency,
                 pgbench_clients,
                 ..Default::default()
