@@ -91,6 +91,21 @@ fn promtool_checks_and_unit_tests_the_alert_rules() {
     }
 }
 
+#[test]
+fn the_prometheusrule_carries_exactly_the_tested_rules() {
+    let dir = obs_dir();
+    let rules: serde_yaml::Value =
+        serde_yaml::from_slice(&std::fs::read(dir.join("alerts.rules.yml")).unwrap()).unwrap();
+    let cr: serde_yaml::Value =
+        serde_yaml::from_slice(&std::fs::read(dir.join("prometheusrule.yaml")).unwrap()).unwrap();
+    assert_eq!(cr["apiVersion"].as_str(), Some("monitoring.coreos.com/v1"));
+    assert_eq!(cr["kind"].as_str(), Some("PrometheusRule"));
+    assert_eq!(
+        cr["spec"]["groups"], rules["groups"],
+        "prometheusrule.yaml drifted from alerts.rules.yml"
+    );
+}
+
 struct Prometheus {
     child: std::process::Child,
     base: String,
