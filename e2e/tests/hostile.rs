@@ -66,3 +66,59 @@ async fn body_between_the_two_limits_always_gets_413() {
     assert!(outcomes.iter().all(|o| o == &Ok(413)), "{outcomes:?}");
     stack.stop().await;
 }
+
+/// Valid input that looks like an attack is stored and read back verbatim (no escaping, no interpretation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_looking_but_valid_text_round_trips_verbatim() {
+    let env = cqrs_devstack::test_env("e2e-verbatim").await.unwrap();
+    let stack = Stack::start(StackConfig::from_test_env(&env).unwrap())
+        .await
+        .unwrap();
+    let gw = &stack.gateway;
+    let names = [
+        "Robert'); DROP TABLE users;--",
+        r#"{"$gt": ""}"#,
+        "$where: function() { return true }",
+        "1' OR '1'='1",
+        "<script>alert(1)</script>",
+        "Zoë 🚀 \\ \" ' `",
+    ];
+    for (i, name) in names.iter().enumerate() {
+        let p = gw
+            .post(
+                "/product",
+                &serde_json::json!({"name": name, "price": "1.25", "description": name}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(p.status.as_u16(), 201, "{name}: {}", p.text);
+        let u = gw
+            .post(
+                "/user",
+                &serde_json::json!({"email": format!("odd{i}+x'y@e2e.example.com"), "password": "long-enough-1", "name": name}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(u.status.as_u16(), 201, "{name}: {}", u.text);
+        let rp = gw
+            .get(&format!("/product/{}", p.id().unwrap()), p.version())
+            .await
+            .unwrap();
+        assert_eq!(rp.body["name"], *name);
+        assert_eq!(rp.body["description"], *name);
+        assert_eq!(rp.body["priceCents"], 125);
+        let ru = gw
+            .get(&format!("/user/{}", u.id().unwrap()), u.version())
+            .await
+            .unwrap();
+        assert_eq!(ru.body["name"], *name);
+        assert_eq!(ru.body["email"], format!("odd{i}+x'y@e2e.example.com"));
+    }
+    stack
+        .gateway
+        .wait_caught_up(std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(gw.count("/product").await.unwrap(), names.len() as u64);
+    stack.stop().await;
+}
