@@ -151,6 +151,10 @@ enum Scenario {
         /// services (production settings) for this run only.
         #[arg(long, env = "SEED_PRIVATE")]
         private: bool,
+        /// With --private: run mutation with the tests' cheap argon2id cost (1 MiB, 1 iteration) instead of
+        /// the production cost, to measure the pipeline rather than password hashing. Say so when quoting.
+        #[arg(long, env = "SEED_CHEAP_HASH", requires = "private")]
+        cheap_hash: bool,
         #[arg(long, env = "CQRS_E2E_OUT", default_value = "e2e/out")]
         out: PathBuf,
     },
@@ -191,6 +195,7 @@ async fn real_main() -> anyhow::Result<bool> {
                     seed,
                     out,
                     private,
+                    cheap_hash,
                 },
         } => {
             let (_infra, stack, gw) = if private {
@@ -198,7 +203,7 @@ async fn real_main() -> anyhow::Result<bool> {
                     "seed: starting private PostgreSQL, Kafka, Mongo-wire server and the services…"
                 );
                 let infra = PrivateInfra::start().await?;
-                let stack = Stack::start(infra.stack_config(false)?).await?;
+                let stack = Stack::start(infra.stack_config(cheap_hash)?).await?;
                 let gw = stack.gateway.clone();
                 (Some(infra), Some(stack), gw)
             } else {
