@@ -790,12 +790,21 @@ async fn drive_rebuild(
         );
     };
     if serving == target {
-        conds.set(
-            conditions::REBUILDING,
-            "False",
-            "Idle",
-            format!("serving generation {target}"),
-        );
+        // Keep saying the last rebuild completed (rather than flipping to Idle on the next reconcile).
+        let completed = previous.conditions.iter().any(|c| {
+            c.type_ == conditions::REBUILDING
+                && c.reason == "RebuildComplete"
+                && prev.target == Some(target)
+        });
+        let (reason, message) = if completed {
+            (
+                "RebuildComplete",
+                format!("generation {target} now serves reads"),
+            )
+        } else {
+            ("Idle", format!("serving generation {target}"))
+        };
+        conds.set(conditions::REBUILDING, "False", reason, message);
         return (
             ProjectionStatus {
                 serving: Some(serving),

@@ -84,6 +84,15 @@ async fn create_builds_every_child_with_owner_references() {
         .await
         .expect("create");
     let uid = created.uid().expect("uid");
+    // Status is written after every child was applied: from here on all of them exist.
+    let stack = wait_condition(
+        &stacks,
+        "shop",
+        "Ready",
+        "False",
+        Some("DeploymentsNotReady"),
+    )
+    .await;
 
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     for c in NAMES {
@@ -190,15 +199,6 @@ async fn create_builds_every_child_with_owner_references() {
         assert_eq!(topic.data["spec"]["config"]["retention.ms"], "-1");
     }
 
-    // Status: nothing runs pods here, so the stack waits for its Deployments and topics.
-    let stack = wait_condition(
-        &stacks,
-        "shop",
-        "Ready",
-        "False",
-        Some("DeploymentsNotReady"),
-    )
-    .await;
     assert!(stack.finalizers().iter().any(|f| f == "cqrs.dev/cleanup"));
     let status = stack.status.unwrap();
     assert_eq!(status.observed_generation, stack.metadata.generation);
@@ -795,4 +795,48 @@ async fn operator_serves_health_and_metrics_binary() {
         .expect("exits on SIGTERM")
         .unwrap();
     assert!(status.success(), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_topic_mode_creates_no_kafka_topics_and_can_be_ready() {
+    let client = client().await;
+    let ns = namespace(&client, "direct").await;
+    let _op = Operator::start(client.clone(), config_for(&ns));
+    let stacks: Api<CqrsStack> = Api::namespaced(client.clone(), &ns);
+    let mut stack = sample_stack("d");
+    stack.spec.kafka.topic_mode = cqrs_operator::crd::TopicMode::Direct;
+    stack.spec.kafka.strimzi_cluster = None;
+    stacks
+        .create(&PostParams::default(), &stack)
+        .await
+        .expect("create");
+    let s = wait_condition(
+        &stacks,
+        "d",
+        "TopicsReady",
+        "Unknown",
+        Some("CreatedByMutation"),
+    )
+    .await;
+    assert_eq!(
+        condition(&s, "Ready").map(|c| c.1),
+        Some("DeploymentsNotReady".to_owned())
+    );
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), &ns)
+        .get("d-config")
+        .await
+        .unwrap();
+    assert_eq!(cm.data.unwrap()["CREATE_TOPICS"], "true");
+    for c in NAMES {
+        mark_deployment_ready(&client, &ns, &format!("d-{c}")).await;
+    }
+    wait_condition(&stacks, "d", "Ready", "True", Some("Ready")).await;
+    let topics = topics_api(&client, &ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert!(
+        topics.items.is_empty(),
+        "direct mode leaves topics to the mutation service"
+    );
 }
