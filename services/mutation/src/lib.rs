@@ -266,12 +266,15 @@ impl Application {
                 }
             }
         }));
-        let workers: Vec<AbortOnDrop> = workers.into_iter().map(AbortOnDrop).collect();
+        let mut workers: Vec<AbortOnDrop> = workers.into_iter().map(AbortOnDrop).collect();
         let served = serve(listener, router, shutdown, drain).await;
         // The router (and with it every queue sender) is gone: the workers finish what is queued and exit.
-        for mut w in workers {
-            let _ = tokio::time::timeout(drain, &mut w.0).await;
-        }
+        // One deadline for all of them (a lingering keep-alive connection can hold a queue sender).
+        let _ = tokio::time::timeout(
+            drain,
+            futures::future::join_all(workers.iter_mut().map(|w| &mut w.0)),
+        )
+        .await;
         stop.cancel();
         if let Some(mut r) = relay_task {
             let _ = tokio::time::timeout(Duration::from_secs(5), &mut r.0).await;

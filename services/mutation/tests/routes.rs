@@ -948,3 +948,62 @@ async fn no_password_or_hash_in_events_responses_or_logs() {
     }
     app.shutdown().await;
 }
+
+/// Shutdown lets a command that is already inside a transaction finish and answer.
+#[tokio::test]
+async fn shutdown_drains_in_flight_commands() {
+    captured_logs();
+    let (env, c) = env_config("drain").await;
+    let app = spawn(c).await;
+    let id = create(&app, "/product", json!({"name": "Held", "price": 1})).await;
+    let pool = sqlx::PgPool::connect(&env.pg_url).await.unwrap();
+    // Hold the product's row lock so the PATCH waits inside its transaction.
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("select 1 from products where id = $1::uuid for update")
+        .bind(&id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let patch = tokio::spawn(
+        app.client
+            .patch(app.url(&format!("/product/{id}")))
+            .json(&json!({"name": "After"}))
+            .send(),
+    );
+    common::eventually(Duration::from_secs(10), "the PATCH waiting on the row lock", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "select count(*) from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        (waiting >= 1).then_some(())
+    })
+    .await;
+    let common::Running {
+        mut handle,
+        stop,
+        base,
+        ..
+    } = app;
+    stop.unwrap().send(()).unwrap();
+    // Shutting down: new connections are refused while the held command is still in flight.
+    common::eventually(Duration::from_secs(10), "the listener closing", || async {
+        reqwest::Client::new()
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    assert!(!handle.is_finished());
+    holder.commit().await.unwrap();
+    let r = patch.await.unwrap().unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.json::<Value>().await.unwrap()["name"], "After");
+    tokio::time::timeout(Duration::from_secs(20), &mut handle)
+        .await
+        .unwrap()
+        .unwrap();
+}

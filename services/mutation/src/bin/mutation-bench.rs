@@ -28,7 +28,7 @@ use serde_json::json;
 #[command(name = "mutation-bench")]
 struct Args {
     /// Seconds per measurement.
-    #[arg(long, env = "BENCH_SECONDS", default_value_t = 8)]
+    #[arg(long, env = "BENCH_SECONDS", default_value_t = 5)]
     seconds: u64,
     /// Concurrent clients to measure.
     #[arg(
@@ -48,14 +48,15 @@ struct Args {
         default_value = "/usr/lib/postgresql/15/bin/pgbench"
     )]
     pgbench: PathBuf,
+    /// Interleaved rounds per point (the median is reported).
+    #[arg(long, env = "BENCH_ROUNDS", default_value_t = 3)]
+    rounds: usize,
     /// Skip the scenarios that hash with the OWASP argon2id parameters (they are CPU-bound by design).
     #[arg(long, env = "BENCH_SKIP_ARGON2", default_value_t = false)]
     skip_argon2: bool,
 }
 
 struct Level {
-    clients: usize,
-    accepted: u64,
     rejected: u64,
     per_sec: f64,
     p50_ms: f64,
@@ -124,8 +125,6 @@ async fn drive(
     let elapsed = started.elapsed().as_secs_f64();
     all.sort();
     Ok(Level {
-        clients,
-        accepted: all.len() as u64,
         rejected: rejected.load(Ordering::Relaxed),
         per_sec: all.len() as f64 / elapsed,
         p50_ms: percentile(&all, 0.5),
@@ -133,43 +132,37 @@ async fn drive(
     })
 }
 
-fn print_levels(title: &str, levels: &[Level]) {
-    println!("\n### {title}");
-    println!("| clients | accepted/s | p50 ms | p99 ms | accepted | failed |");
-    println!("|---:|---:|---:|---:|---:|---:|");
-    for l in levels {
-        println!(
-            "| {} | {:.0} | {:.1} | {:.1} | {} | {} |",
-            l.clients, l.per_sec, l.p50_ms, l.p99_ms, l.accepted, l.rejected
-        );
-    }
+/// A running service configured for one scenario.
+struct Scenario {
+    title: &'static str,
+    path: &'static str,
+    base: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    handle: tokio::task::JoinHandle<Result<(), cqrs_mutation::AppError>>,
 }
 
-async fn scenario(
+async fn start_scenario(
     db_url: &str,
-    title: &str,
+    title: &'static str,
     path: &'static str,
-    args: &Args,
     tweak: impl Fn(&mut Config),
-) -> anyhow::Result<Vec<Level>> {
+) -> anyhow::Result<Scenario> {
     let mut c = Config::for_test(db_url, "127.0.0.1:1", "bench");
     c.relay_enabled = false;
     tweak(&mut c);
     let app = Application::build(c).await?;
     let base = format!("http://127.0.0.1:{}", app.port());
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
     let handle = tokio::spawn(app.run_until_stopped(async move {
         let _ = rx.await;
     }));
-    let mut levels = Vec::new();
-    for &clients in &args.concurrency {
-        let tag = uuid::Uuid::new_v4().simple().to_string();
-        levels.push(drive(&base, path, clients, args.seconds, &tag[..8]).await?);
-    }
-    let _ = tx.send(());
-    handle.await??;
-    print_levels(title, &levels);
-    Ok(levels)
+    Ok(Scenario {
+        title,
+        path,
+        base,
+        stop,
+        handle,
+    })
 }
 
 fn pgbench(
@@ -340,69 +333,137 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     drop(migrate);
 
-    println!("\n## pgbench (raw TPS, same server, same run)");
-    println!("| script | clients | TPS |");
-    println!("|---|---:|---:|");
-    for (name, script) in scripts() {
-        for &c in &args.concurrency {
-            match pgbench(&args, &db_url, name, &script, c) {
-                Ok(tps) => println!("| {name} | {c} | {tps:.0} |"),
-                Err(e) => println!("| {name} | {c} | error: {e} |"),
-            }
-        }
-    }
-
-    println!("\n## the service");
+    let mut scenarios = Vec::new();
     if !args.skip_argon2 {
-        scenario(
+        scenarios.push(
+            start_scenario(
+                &db_url,
+                "POST /user, argon2id m=19456 t=2 (production default)",
+                "/user",
+                |_| {},
+            )
+            .await?,
+        );
+    }
+    scenarios.push(
+        start_scenario(
             &db_url,
-            "POST /user, argon2id m=19456 t=2 (production default)",
+            "POST /user, argon2id m=64 t=1 (write path alone)",
             "/user",
-            &args,
+            |c| {
+                c.argon2_memory_kib = 64;
+                c.argon2_iterations = 1;
+            },
+        )
+        .await?,
+    );
+    scenarios.push(
+        start_scenario(
+            &db_url,
+            "POST /product, group commit (default: window 0, max 128)",
+            "/product",
             |_| {},
         )
-        .await?;
-    }
-    scenario(
-        &db_url,
-        "POST /user, argon2id m=64 t=1 (hashing made negligible: the write path alone)",
-        "/user",
-        &args,
-        |c| {
-            c.argon2_memory_kib = 64;
-            c.argon2_iterations = 1;
-        },
-    )
-    .await?;
-    scenario(
-        &db_url,
-        "POST /product, group commit (default: window 0, max 128)",
-        "/product",
-        &args,
-        |_| {},
-    )
-    .await?;
-    scenario(
-        &db_url,
-        "POST /product, group commit with a 2 ms window",
-        "/product",
-        &args,
-        |c| {
-            c.group_commit_window_us = 2_000;
-        },
-    )
-    .await?;
-    scenario(
-        &db_url,
-        "POST /product, NO group commit (one transaction per command)",
-        "/product",
-        &args,
-        |c| {
-            c.group_commit_max = 1;
-        },
-    )
-    .await?;
+        .await?,
+    );
+    scenarios.push(
+        start_scenario(
+            &db_url,
+            "POST /product, group commit, 2 ms window",
+            "/product",
+            |c| {
+                c.group_commit_window_us = 2_000;
+            },
+        )
+        .await?,
+    );
+    scenarios.push(
+        start_scenario(
+            &db_url,
+            "POST /product, NO group commit (1 command per transaction)",
+            "/product",
+            |c| {
+                c.group_commit_max = 1;
+            },
+        )
+        .await?,
+    );
 
+    // Interleaved rounds: every configuration is measured once per round, so load from other processes on
+    // the machine hits them alike; the median round is reported.
+    let scripts = scripts();
+    let mut pg_rows: Vec<(String, Vec<String>)> = scripts
+        .iter()
+        .map(|(n, _)| (format!("pgbench {n}"), Vec::new()))
+        .collect();
+    let mut svc_rows: Vec<(String, Vec<String>)> = scenarios
+        .iter()
+        .map(|s| (s.title.to_owned(), Vec::new()))
+        .collect();
+    for &clients in &args.concurrency {
+        let mut pg_samples: Vec<Vec<f64>> = vec![Vec::new(); scripts.len()];
+        let mut svc_samples: Vec<Vec<Level>> = (0..scenarios.len()).map(|_| Vec::new()).collect();
+        for _round in 0..args.rounds {
+            for (i, (name, script)) in scripts.iter().enumerate() {
+                match pgbench(&args, &db_url, name, script, clients) {
+                    Ok(tps) => pg_samples[i].push(tps),
+                    Err(e) => eprintln!("pgbench {name} at {clients}: {e}"),
+                }
+            }
+            for (i, sc) in scenarios.iter().enumerate() {
+                let tag = uuid::Uuid::new_v4().simple().to_string();
+                svc_samples[i]
+                    .push(drive(&sc.base, sc.path, clients, args.seconds, &tag[..8]).await?);
+            }
+        }
+        for (i, mut v) in pg_samples.into_iter().enumerate() {
+            v.sort_by(f64::total_cmp);
+            let cell = v
+                .get(v.len() / 2)
+                .map_or("–".to_owned(), |m| format!("{m:.0}"));
+            eprintln!("{} @{clients}: {v:?}", pg_rows[i].0);
+            pg_rows[i].1.push(cell);
+        }
+        for (i, mut v) in svc_samples.into_iter().enumerate() {
+            v.sort_by(|a, b| a.per_sec.total_cmp(&b.per_sec));
+            eprintln!(
+                "{} @{clients}: {:?}",
+                svc_rows[i].0,
+                v.iter().map(|l| l.per_sec.round()).collect::<Vec<_>>()
+            );
+            let cell = v.get(v.len() / 2).map_or("–".to_owned(), |m| {
+                let failed = if m.rejected > 0 {
+                    format!(", {} failed", m.rejected)
+                } else {
+                    String::new()
+                };
+                format!(
+                    "{:.0} ({:.1} / {:.1}{failed})",
+                    m.per_sec, m.p50_ms, m.p99_ms
+                )
+            });
+            svc_rows[i].1.push(cell);
+        }
+    }
+    println!(
+        "\n## Results: median of {} interleaved rounds of {} s",
+        args.rounds, args.seconds
+    );
+    println!("Service cells: accepted creates/s (p50 ms / p99 ms). pgbench cells: TPS.\n");
+    let header: Vec<String> = args
+        .concurrency
+        .iter()
+        .map(|c| format!("{c} clients"))
+        .collect();
+    println!("| | {} |", header.join(" | "));
+    println!("|---|{}", "---:|".repeat(header.len()));
+    for (name, cells) in pg_rows.iter().chain(svc_rows.iter()) {
+        println!("| {name} | {} |", cells.join(" | "));
+    }
+    for sc in scenarios {
+        let _ = sc.stop.send(());
+        sc.handle.await??;
+    }
     println!("\nload average at end: {}", load_average());
     if let Some((mut pg, dir)) = private {
         pg.stop().await?;
