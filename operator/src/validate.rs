@@ -167,6 +167,25 @@ fn component(field: &str, c: &ComponentSpec, errs: &mut Vec<Invalid>) {
         }
     }
     if let Some(r) = &c.resources {
+        // The API server rejects a Deployment with an unknown unqualified resource name; say so up front.
+        for (kind, map) in [("requests", &r.requests), ("limits", &r.limits)] {
+            for (name, q) in map.iter().flatten() {
+                let known = matches!(name.as_str(), "cpu" | "memory" | "ephemeral-storage")
+                    || name.starts_with("hugepages-")
+                    || name.contains('/');
+                if !known {
+                    errs.push(invalid(
+                        format!("spec.{field}.resources.{kind}.{name}"),
+                        "is not a resource name (cpu, memory, ephemeral-storage, hugepages-*, or a domain-qualified name)",
+                    ));
+                } else if parse_quantity(&q.0).is_none() {
+                    errs.push(invalid(
+                        format!("spec.{field}.resources.{kind}.{name}"),
+                        "is not a quantity",
+                    ));
+                }
+            }
+        }
         let (Some(requests), Some(limits)) = (&r.requests, &r.limits) else {
             return;
         };

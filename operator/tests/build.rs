@@ -468,6 +468,7 @@ fn validation_reports_every_problem() {
     v["kafka"]["topicPrefix"] = json!("-Bad");
     v["kafka"]["config"] = json!({"retention.ms": "forever", "Bad Key": "1"});
     v["gateway"]["resources"] = json!({"requests": {"cpu": "2"}, "limits": {"cpu": "500m"}});
+    v["mutation"]["resources"] = json!({"limits": {"bogus": "1", "memory": "lots"}});
     v["query"]["autoscaling"] = json!({"minReplicas": 5, "maxReplicas": 2});
     v["monitoring"]["interval"] = json!("soon");
     let errs = validate("9-starts-with-digit", &spec(v)).expect_err("invalid");
@@ -480,6 +481,8 @@ fn validation_reports_every_problem() {
         "spec.kafka.config.retention.ms",
         "spec.kafka.config.Bad Key",
         "spec.gateway.resources.requests.cpu",
+        "spec.mutation.resources.limits.bogus",
+        "spec.mutation.resources.limits.memory",
         "spec.query.autoscaling",
         "spec.monitoring.interval",
     ] {

@@ -484,3 +484,115 @@ async fn chart_rbac_is_enough_for_the_controller() {
     );
     op.stop().await;
 }
+
+/// A permission error is a reconcile failure (counted by reason, retried with backoff, no status written from
+/// a half-applied stack), and the operator recovers by itself once the permission is granted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permission_error_is_retried_with_backoff_and_recovers_when_fixed() {
+    use k8s_openapi::api::rbac::v1::ClusterRole;
+    let admin = client().await;
+    let release_ns = namespace(&admin, "rbac2-op").await;
+    let ns = namespace(&admin, "rbac2-stack").await;
+    let release = release_ns.clone();
+    tokio::task::spawn_blocking({
+        let (release, release_ns, ns) = (release.clone(), release_ns.clone(), ns.clone());
+        move || {
+            let mut c = tool("helm");
+            c.args([
+                "template",
+                &release,
+                CHART,
+                "--namespace",
+                &release_ns,
+                "--kube-version",
+                K8S_VERSION,
+                "--set",
+            ])
+            .arg(format!("watchNamespace={ns}"));
+            let p = write_temp("rbac2.yaml", &run(&mut c).unwrap());
+            run(kubectl_cmd().args(["apply", "-f"]).arg(p)).unwrap();
+        }
+    })
+    .await
+    .unwrap();
+    let roles: Api<ClusterRole> = Api::all(admin.clone());
+    let role_name = format!("{release}-cqrs-operator");
+    let full_rules = roles.get(&role_name).await.unwrap().rules.unwrap();
+    let without_pdb: Vec<_> = full_rules
+        .iter()
+        .filter(|r| r.api_groups.as_deref() != Some(&["policy".to_owned()][..]))
+        .cloned()
+        .collect();
+    assert_eq!(without_pdb.len() + 1, full_rules.len());
+    roles
+        .patch(
+            &role_name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"rules": without_pdb})),
+        )
+        .await
+        .unwrap();
+
+    let kubeconfig = tokio::task::spawn_blocking(|| cluster().kubeconfig.clone())
+        .await
+        .unwrap();
+    let mut config = kube::Config::from_custom_kubeconfig(
+        Kubeconfig::read_from(&kubeconfig).unwrap(),
+        &KubeConfigOptions::default(),
+    )
+    .await
+    .unwrap();
+    config.auth_info.impersonate = Some(format!(
+        "system:serviceaccount:{release_ns}:{release}-cqrs-operator"
+    ));
+    let op = Operator::start(Client::try_from(config).unwrap(), config_for(&ns));
+    let stacks: Api<CqrsStack> = Api::namespaced(admin.clone(), &ns);
+    stacks
+        .create(&PostParams::default(), &sample_stack("f"))
+        .await
+        .unwrap();
+
+    let forbidden = || {
+        op.registry
+            .gather()
+            .iter()
+            .filter(|f| f.name() == "cqrs_operator_reconcile_failures_total")
+            .flat_map(|f| f.get_metric().iter())
+            .filter(|m| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == "reason" && l.value() == "forbidden")
+            })
+            .map(|m| m.get_counter().get_value())
+            .sum::<f64>()
+    };
+    wait_for("two forbidden failures (a retry)", TIMEOUT, || async {
+        (forbidden() >= 2.0).then_some(())
+    })
+    .await;
+    assert!(
+        stacks.get("f").await.unwrap().status.is_none(),
+        "no status from a half-applied stack"
+    );
+
+    roles
+        .patch(
+            &role_name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"rules": full_rules})),
+        )
+        .await
+        .unwrap();
+    wait_for(
+        "recovery after the permission is granted",
+        TIMEOUT,
+        || async {
+            let s = stacks.get("f").await.ok()?;
+            condition(&s, "Ready")
+                .filter(|c| c.1 == "DeploymentsNotReady")
+                .map(|_| ())
+        },
+    )
+    .await;
+    op.stop().await;
+}
