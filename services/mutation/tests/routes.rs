@@ -1007,3 +1007,38 @@ async fn shutdown_drains_in_flight_commands() {
         .unwrap()
         .unwrap();
 }
+
+/// An expired Idempotency-Key is forgotten: the same key then starts a new request.
+#[tokio::test]
+async fn idempotency_keys_expire() {
+    captured_logs();
+    let (_env, mut c) = env_config("idempotency-ttl").await;
+    c.idempotency_ttl_secs = 1;
+    let app = spawn(c).await;
+    let send = |name: &str| {
+        app.client
+            .post(app.url("/product"))
+            .header("idempotency-key", "ttl-1")
+            .json(&json!({"name": name, "price": 1}))
+            .send()
+    };
+    let first = send("first").await.unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let first: Value = first.json().await.unwrap();
+    // Within the TTL another body is refused; once it expired, the key is free again.
+    let r = send("second").await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let second: Value =
+        common::eventually(Duration::from_secs(10), "the key to expire", || async {
+            let r = send("second").await.unwrap();
+            if r.status() == StatusCode::CREATED {
+                Some(r.json().await.unwrap())
+            } else {
+                None
+            }
+        })
+        .await;
+    assert_ne!(first["id"], second["id"]);
+    assert_eq!(second["name"], "second");
+    app.shutdown().await;
+}
