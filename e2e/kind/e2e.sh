@@ -86,12 +86,16 @@ PF_PID=$!
 curl -fsS --retry 30 --retry-delay 1 --retry-all-errors "http://127.0.0.1:$port/healthz" >/dev/null
 
 log "running the e2e suite against the gateway"
-export CQRS_E2E_GATEWAY_URL="http://127.0.0.1:$port"
-export CQRS_E2E_JWT_SECRET="$jwt_secret"
+# cqrs-e2e reads its target from CQRS_GATEWAY_URL and the gateway's HS256 secret from AUTH_JWT_SECRET.
+export CQRS_GATEWAY_URL="http://127.0.0.1:$port"
+export AUTH_JWT_SECRET="$jwt_secret"
 if [[ -n "${E2E_CMD:-}" ]]; then
   bash -c "$E2E_CMD"
 else
-  (cd "$ROOT" && cargo run --release -p cqrs-e2e --bin cqrs-e2e -- --gateway-url "$CQRS_E2E_GATEWAY_URL")
+  (cd "$ROOT" && cargo build --release -p cqrs-e2e --bin cqrs-e2e)
+  e2e_bin="${CARGO_TARGET_DIR:-$ROOT/target}/release/cqrs-e2e"
+  "$e2e_bin" scenario seed
+  "$e2e_bin" hostile
 fi
 
 log "projection rebuild: bump the generation and wait until it serves"
