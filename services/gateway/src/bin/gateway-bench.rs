@@ -41,14 +41,29 @@ struct Args {
     /// Unmeasured warm-up per phase.
     #[arg(long, env = "BENCH_WARMUP", default_value = "1s", value_parser = parse_duration)]
     warmup: Duration,
+    /// Pin the gateway's threads to the last CPU and clients + upstream to the others, modelling a gateway
+    /// with CPU of its own (its own pod); without it all three share every CPU.
+    #[arg(long, env = "BENCH_PIN")]
+    pin: bool,
 }
 
 const SECRET: &[u8] = b"bench-secret-bench-secret-bench-secret!!";
 
-fn runtime(name: &str) -> anyhow::Result<tokio::runtime::Runtime> {
+fn runtime(name: &str, cpus: Option<Vec<usize>>) -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name(name)
+        .on_thread_start(move || {
+            if let Some(cpus) = &cpus {
+                let mut set = nix::sched::CpuSet::new();
+                for &c in cpus {
+                    let _ = set.set(c);
+                }
+                if let Err(e) = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set) {
+                    eprintln!("cannot pin a thread to {cpus:?}: {e}");
+                }
+            }
+        })
         .enable_all()
         .build()
         .context("runtime")
@@ -164,10 +179,23 @@ fn main() -> anyhow::Result<()> {
         concurrency,
         duration,
         warmup,
+        pin,
     } = Args::parse();
-    let upstream_rt = runtime("upstream")?;
-    let gateway_rt = runtime("gateway")?;
-    let client_rt = runtime("client")?;
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    anyhow::ensure!(!pin || cpus >= 2, "--pin needs at least 2 CPUs");
+    let (gw_cpus, rest) = if pin {
+        (
+            Some(vec![cpus - 1]),
+            Some((0..cpus - 1).collect::<Vec<_>>()),
+        )
+    } else {
+        (None, None)
+    };
+    let upstream_rt = runtime("upstream", rest.clone())?;
+    let gateway_rt = runtime("gateway", gw_cpus)?;
+    let client_rt = runtime("client", rest)?;
 
     let upstream_addr = upstream_rt.block_on(async {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -208,10 +236,12 @@ fn main() -> anyhow::Result<()> {
     };
 
     println!(
-        "gateway-bench: GET /product/:id, fixed {}-core machine, {duration:?} measured per phase after {warmup:?} warm-up",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0)
+        "gateway-bench: GET /product/:id, {cpus} CPUs ({}), {duration:?} measured per phase after {warmup:?} warm-up",
+        if pin {
+            "gateway pinned to its own CPU, clients + upstream on the rest"
+        } else {
+            "gateway, clients and upstream share all CPUs"
+        }
     );
     println!(
         "{:>5} {:<22} {:>10} {:>9} {:>9} | {:>9} {:>7} | {:>12} {:>12}",
