@@ -75,8 +75,9 @@ pub struct ServeArgs {
     #[arg(long, env = "AUTH_LEEWAY", default_value = "30s", value_parser = parse_duration)]
     pub auth_leeway: Duration,
 
-    /// Largest request body in bytes (413 beyond).
-    #[arg(long, env = "GATEWAY_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    /// Largest request body in bytes (413 beyond). Keep it at most mutation's `MAX_BODY_BYTES` (both default to
+    /// 256 KiB): a body the gateway passes but mutation refuses would be cut off mid-stream.
+    #[arg(long, env = "GATEWAY_MAX_BODY_BYTES", default_value_t = 256 * 1024)]
     pub max_body_bytes: u64,
     /// Open client connections before the gateway stops accepting.
     #[arg(long, env = "GATEWAY_MAX_CONNECTIONS", default_value_t = 10_000)]

@@ -98,7 +98,7 @@ impl Config {
             mutation_url: mutation_url.into(),
             query_url: query_url.into(),
             auth,
-            max_body_bytes: 1024 * 1024,
+            max_body_bytes: 256 * 1024,
             max_connections: 10_000,
             max_in_flight: 2_048,
             header_read_timeout: Duration::from_secs(10),

@@ -464,20 +464,9 @@ impl Gateway {
         }
     }
 
-    async fn forward(
-        &self,
-        req: Request<Incoming>,
-        peer: SocketAddr,
-        class: RouteClass,
-        rid: &HeaderValue,
-    ) -> Result<Response<Body>, ProxyError> {
-        let _permit = self
-            .in_flight
-            .try_acquire()
-            .map_err(|_| ProxyError::Overloaded)?;
-        self.metrics.in_flight.inc();
-        let _in_flight = InFlight(&self.metrics);
-
+    /// The checks made before any byte of the body is read: method, authentication, authorization, rate limit
+    /// and the declared body size.
+    fn admit(&self, req: &Request<Incoming>, peer: SocketAddr) -> Result<Principal, ProxyError> {
         // CONNECT would turn the gateway into a tunnel, TRACE reflects headers (cross-site tracing).
         if req.method() == Method::CONNECT || req.method() == Method::TRACE {
             return Err(ProxyError::MethodNotAllowed(req.method().clone()));
@@ -511,6 +500,33 @@ impl Gateway {
                 limit: self.max_body_bytes,
             });
         }
+        Ok(principal)
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        class: RouteClass,
+        rid: &HeaderValue,
+    ) -> Result<Response<Body>, ProxyError> {
+        let _permit = self
+            .in_flight
+            .try_acquire()
+            .map_err(|_| ProxyError::Overloaded)?;
+        self.metrics.in_flight.inc();
+        let _in_flight = InFlight(&self.metrics);
+
+        let principal = match self.admit(&req, peer) {
+            Ok(p) => p,
+            Err(e) => {
+                // Refused before reading the body: read and discard what the client is already sending
+                // (bounded), or closing the socket with unread data makes the kernel answer with a reset,
+                // and the client sees "connection reset" instead of our 401/403/413.
+                discard_unread(req.into_body(), DISCARD_CAP_BYTES, DISCARD_WITHIN).await;
+                return Err(e);
+            }
+        };
 
         let (parts, body) = req.into_parts();
         let is_read = parts.method == Method::GET || parts.method == Method::HEAD;
@@ -651,6 +667,27 @@ impl Gateway {
         };
         Ok(Response::from_parts(rparts, Body::new(body)))
     }
+}
+
+/// How much of a refused request's body is read and thrown away, and for how long, before the connection closes.
+const DISCARD_CAP_BYTES: u64 = 16 << 20;
+const DISCARD_WITHIN: Duration = Duration::from_secs(5);
+
+/// Reads and drops up to `cap` bytes of `body` within `within`; stops early at the end of the body.
+async fn discard_unread(mut body: Incoming, cap: u64, within: Duration) {
+    let mut seen: u64 = 0;
+    let _ = tokio::time::timeout(within, async {
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else { break };
+            if let Some(data) = frame.data_ref() {
+                seen += data.len() as u64;
+                if seen > cap {
+                    break;
+                }
+            }
+        }
+    })
+    .await;
 }
 
 fn build(method: Method, uri: Uri, headers: HeaderMap, body: ProxyBody) -> Request<ProxyBody> {
