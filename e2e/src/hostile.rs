@@ -12,7 +12,7 @@ use crate::{
     client::{Gateway, RawRequest, TokenMinter, b64url},
 };
 
-/// The case that exposes the body-limit mismatch between gateway (1 MiB) and mutation (256 KiB).
+/// A body over mutation's limit (256 KiB); before gateway commit 536a46a it was sometimes answered by a reset.
 pub const BODY_OVER_MUTATION_LIMIT: &str = "body over mutation limit (400 KiB)";
 
 /// One hostile request and the answers the API documents for it.

@@ -21,8 +21,7 @@ async fn hostile_input_gets_only_documented_4xx_and_stores_nothing() {
         report.stored_before, report.stored_after,
         "something was stored"
     );
-    // One known bug is excluded here and kept visible by its own (ignored) test below.
-    let unexpected = report.unexpected_except(&[hostile::BODY_OVER_MUTATION_LIMIT]);
+    let unexpected = report.unexpected_except(&[]);
     assert!(
         unexpected.is_empty(),
         "answers outside the documented set: {unexpected:#?}"
@@ -30,14 +29,12 @@ async fn hostile_input_gets_only_documented_4xx_and_stores_nothing() {
     stack.stop().await;
 }
 
-/// BUG (reported): an oversized body (over the gateway's 1 MiB, or over mutation's 256 KiB) gets no answer at
-/// all in ~20% of attempts — the client sees a connection reset while it still sends — instead of the 413: the
-/// server answers from the Content-Length and closes without reading (no lingering close / drain). Fix: drain
-/// (up to a cap) or lingering-close after an early 413, and keep the gateway's limit ≤ mutation's.
-/// Run with `--ignored`; it fails until fixed.
+/// Oversized bodies always get their 413, never a connection reset: a server that refuses from the
+/// Content-Length must still drain (or lingering-close) what the client sends. This failed ~20 % of the time
+/// until the gateway drained early refusals (gateway commit 536a46a); it sends a 2 MiB and a 400 KiB body
+/// alternately on one keep-alive connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known bug: an early 413 is lost as a connection reset (see report)"]
-async fn body_between_the_two_limits_always_gets_413() {
+async fn oversized_bodies_always_get_413_never_a_reset() {
     let env = cqrs_devstack::test_env("e2e-bodylimit").await.unwrap();
     let stack = Stack::start(StackConfig::from_test_env(&env).unwrap())
         .await
