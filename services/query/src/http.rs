@@ -234,7 +234,9 @@ fn decode_cursor(c: &str) -> Option<String> {
 type Q<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
 
 fn query_params<T>(q: Q<T>) -> Result<T, Box<Response>> {
-    q.map(|Query(t)| t).map_err(|e| Box::new(Problem::bad_request(format!("invalid query string: {e}")).into_response()))
+    q.map(|Query(t)| t).map_err(|e| {
+        Box::new(Problem::bad_request(format!("invalid query string: {e}")).into_response())
+    })
 }
 
 async fn list(st: AppState, entity: AggregateType, p: Q<ListParams>) -> Response {
@@ -410,7 +412,8 @@ async fn dlq_list(State(st): State<AppState>, p: Q<DlqParams>) -> Response {
         None => 100,
         Some(Ok(n)) if (1..=10_000).contains(&n) => n,
         Some(_) => {
-            return Problem::bad_request("limit must be an integer from 1 to 10000").into_response();
+            return Problem::bad_request("limit must be an integer from 1 to 10000")
+                .into_response();
         }
     };
     let (bootstrap, topic) = (st.ctx.config.kafka_bootstrap.clone(), st.ctx.topics.dlq());

@@ -122,7 +122,10 @@ impl Application {
         let ticker = CancellationToken::new();
         let every = Duration::from_millis(ctx.config.meta_poll_ms.max(50));
         let supervise = tokio::spawn(rebuild::supervise(sup.clone(), every, ticker.clone()));
-        let watcher = ctx.config.change_streams.then(|| tokio::spawn(watch::run(ctx.clone(), ticker.clone())));
+        let watcher = ctx
+            .config
+            .change_streams
+            .then(|| tokio::spawn(watch::run(ctx.clone(), ticker.clone())));
         let streams = stop_streams.clone();
         let result = serve(
             listener,

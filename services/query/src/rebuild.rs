@@ -227,7 +227,10 @@ impl Supervisor {
         if local.gauges_at.is_none_or(|t| t.elapsed() >= GAUGE_PERIOD) {
             local.gauges_at = Some(std::time::Instant::now());
             // Keeps cqrs_query_consumer_lag and cqrs_query_dlq_messages fresh without a /sync-status caller.
-            if let Err(e) = status::projection_lag(&self.ctx, "serving", meta.serving, &meta.serving_group).await {
+            if let Err(e) =
+                status::projection_lag(&self.ctx, "serving", meta.serving, &meta.serving_group)
+                    .await
+            {
                 tracing::debug!(error = %e, "lag gauge refresh failed");
             }
             let _ = status::dlq_count(&self.ctx).await;

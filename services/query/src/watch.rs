@@ -21,12 +21,21 @@ use crate::{
 pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
     while !cancel.is_cancelled() {
         let generation = ctx.serving();
-        let names: Vec<String> = AggregateType::ALL.iter().map(|e| model::collection_name(*e, generation)).collect();
+        let names: Vec<String> = AggregateType::ALL
+            .iter()
+            .map(|e| model::collection_name(*e, generation))
+            .collect();
         let pipeline = vec![doc! {"$match": {
             "ns.coll": {"$in": &names},
             "operationType": {"$in": ["insert", "replace", "update"]},
         }}];
-        let stream = ctx.store.db.watch().pipeline(pipeline).full_document(FullDocumentType::UpdateLookup).await;
+        let stream = ctx
+            .store
+            .db
+            .watch()
+            .pipeline(pipeline)
+            .full_document(FullDocumentType::UpdateLookup)
+            .await;
         let mut stream = match stream {
             Ok(s) => s,
             Err(e) => {
@@ -53,16 +62,30 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
                     break;
                 }
                 Ok(Some(Ok(ev))) => {
-                    let coll = ev.ns.as_ref().and_then(|n| n.coll.clone()).unwrap_or_default();
-                    let Some(entity) =
-                        AggregateType::ALL.into_iter().find(|e| model::collection_name(*e, generation) == coll)
+                    let coll = ev
+                        .ns
+                        .as_ref()
+                        .and_then(|n| n.coll.clone())
+                        .unwrap_or_default();
+                    let Some(entity) = AggregateType::ALL
+                        .into_iter()
+                        .find(|e| model::collection_name(*e, generation) == coll)
                     else {
                         continue;
                     };
-                    let Some(d): Option<Document> = ev.full_document else { continue };
-                    let Ok(id) = d.get_str("_id").map(str::to_owned) else { continue };
-                    let change =
-                        Change { entity, id, version: model::doc_version(&d), generation, doc: model::to_json(&d) };
+                    let Some(d): Option<Document> = ev.full_document else {
+                        continue;
+                    };
+                    let Ok(id) = d.get_str("_id").map(str::to_owned) else {
+                        continue;
+                    };
+                    let change = Change {
+                        entity,
+                        id,
+                        version: model::doc_version(&d),
+                        generation,
+                        doc: model::to_json(&d),
+                    };
                     let _ = ctx.notices.send(Notice::Changed(Arc::new(change)));
                 }
             }

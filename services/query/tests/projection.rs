@@ -49,9 +49,16 @@ async fn every_event_type_applies_and_duplicates_change_nothing() {
     rev.reverse();
     env.send_all(&rev).await;
     svc.wait_caught_up().await;
-    assert_eq!(env.snapshot(1).await, before, "duplicates changed the read models");
+    assert_eq!(
+        env.snapshot(1).await,
+        before,
+        "duplicates changed the read models"
+    );
     assert_eq!(svc.metric("cqrs_query_events_applied_total", ""), 10.0);
-    assert_eq!(svc.metric("cqrs_query_events_skipped_total", "reason=duplicate"), 20.0);
+    assert_eq!(
+        svc.metric("cqrs_query_events_skipped_total", "reason=duplicate"),
+        20.0
+    );
     assert_eq!(svc.metric("cqrs_query_dlq_total", ""), 0.0);
     svc.stop().await;
 }
@@ -79,14 +86,20 @@ async fn replaying_whole_topics_from_offset_zero_changes_nothing() {
     // the existing collections.
     env.mongo
         .collection::<mongodb::bson::Document>("_meta")
-        .update_one(doc! {"_id": "projection"}, doc! {"$set": {"servingGroup": format!("{}.replay", env.topics.prefix())}})
+        .update_one(
+            doc! {"_id": "projection"},
+            doc! {"$set": {"servingGroup": format!("{}.replay", env.topics.prefix())}},
+        )
         .await
         .unwrap();
     let svc = start(env.config.clone()).await;
     svc.wait_caught_up().await;
     assert_eq!(env.snapshot(1).await, before);
     assert_eq!(svc.metric("cqrs_query_events_applied_total", ""), 0.0);
-    assert_eq!(svc.metric("cqrs_query_events_skipped_total", "reason=duplicate"), 80.0);
+    assert_eq!(
+        svc.metric("cqrs_query_events_skipped_total", "reason=duplicate"),
+        80.0
+    );
     svc.stop().await;
 }
 
@@ -106,13 +119,27 @@ async fn crash_after_write_before_commit_loses_and_doubles_nothing() {
     }
     env.send_all(&events).await;
     let crashing = start(cfg).await;
-    assert!(wait_until(WAIT, || async { crashing.ctx.fault_fired.load(std::sync::atomic::Ordering::SeqCst) }).await);
+    assert!(
+        wait_until(WAIT, || async {
+            crashing
+                .ctx
+                .fault_fired
+                .load(std::sync::atomic::Ordering::SeqCst)
+        })
+        .await
+    );
     let written = env.snapshot(1).await;
-    assert!(!written.is_empty(), "the first batch was written before the crash");
+    assert!(
+        !written.is_empty(),
+        "the first batch was written before the crash"
+    );
     let applied_before_crash = crashing.metric("cqrs_query_events_applied_total", "");
     assert!(applied_before_crash >= 1.0);
     let status = crashing.get_json("/sync-status").await;
-    assert_eq!(status["caughtUp"], false, "the crashed batch was never committed: {status:#}");
+    assert_eq!(
+        status["caughtUp"], false,
+        "the crashed batch was never committed: {status:#}"
+    );
     crashing.stop().await;
 
     let svc = start(env.config.clone()).await;
@@ -127,7 +154,11 @@ async fn crash_after_write_before_commit_loses_and_doubles_nothing() {
     let skipped = svc.metric("cqrs_query_events_skipped_total", "reason=duplicate");
     let applied = svc.metric("cqrs_query_events_applied_total", "");
     assert!(skipped >= 1.0, "the uncommitted batch is redelivered");
-    assert_eq!(applied + applied_before_crash, 30.0, "every event applied exactly once");
+    assert_eq!(
+        applied + applied_before_crash,
+        30.0,
+        "every event applied exactly once"
+    );
     svc.stop().await;
 }
 
@@ -140,10 +171,16 @@ async fn poison_between_good_events_is_dead_lettered_and_the_partition_moves_on(
     let p = Uuid::new_v4();
     env.send(&product_created(p, "Widget", 100)).await;
     // Same key, same partition, between two good events: garbage, an unknown type, an invalid payload.
-    env.send_raw(AggregateType::Product, &p.to_string(), b"{not json").await;
+    env.send_raw(AggregateType::Product, &p.to_string(), b"{not json")
+        .await;
     let unknown = serde_json::json!({"id": Uuid::now_v7(), "type": "PRODUCT-EXPLODED", "schemaVersion": 1,
         "aggregateType": "product", "aggregateId": p, "version": 2, "occurredAt": "2026-01-01T00:00:00Z", "data": {}});
-    env.send_raw(AggregateType::Product, &p.to_string(), unknown.to_string().as_bytes()).await;
+    env.send_raw(
+        AggregateType::Product,
+        &p.to_string(),
+        unknown.to_string().as_bytes(),
+    )
+    .await;
     let negative = product_updated(p, 2, "Widget", -5);
     env.send(&negative).await;
     env.send(&product_updated(p, 2, "Widget", 300)).await;
@@ -166,13 +203,31 @@ async fn poison_between_good_events_is_dead_lettered_and_the_partition_moves_on(
     let dlq = svc.get_json("/admin/dlq?limit=10").await;
     let items = dlq["items"].as_array().unwrap();
     assert_eq!(items.len(), 4);
-    let reasons: Vec<&str> = items.iter().map(|i| i["reason"].as_str().unwrap()).collect();
-    assert!(reasons.iter().any(|r| r.starts_with("not a JSON")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("unknown event type")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("negative price")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.starts_with("version gap")), "{reasons:?}");
+    let reasons: Vec<&str> = items
+        .iter()
+        .map(|i| i["reason"].as_str().unwrap())
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r.starts_with("not a JSON")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("unknown event type")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("negative price")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.starts_with("version gap")),
+        "{reasons:?}"
+    );
     for i in items {
-        assert_eq!(i["sourceTopic"], env.topics.for_aggregate(AggregateType::Product));
+        assert_eq!(
+            i["sourceTopic"],
+            env.topics.for_aggregate(AggregateType::Product)
+        );
         assert!(i["sourceOffset"].is_i64());
     }
     assert_eq!(svc.metric("cqrs_query_dlq_total", ""), 4.0);
@@ -180,7 +235,10 @@ async fn poison_between_good_events_is_dead_lettered_and_the_partition_moves_on(
     // The missing version 2 arrives; replaying the gap entry from the DLQ then applies version 3.
     env.send(&product_updated(q, 2, "Gap", 200)).await;
     svc.wait_caught_up().await;
-    let gap_entry = items.iter().find(|i| i["reason"].as_str().unwrap().starts_with("version gap")).unwrap();
+    let gap_entry = items
+        .iter()
+        .find(|i| i["reason"].as_str().unwrap().starts_with("version gap"))
+        .unwrap();
     let res = svc
         .http
         .post(svc.url("/admin/dlq/replay"))
@@ -192,7 +250,10 @@ async fn poison_between_good_events_is_dead_lettered_and_the_partition_moves_on(
     let body: serde_json::Value = res.json().await.unwrap();
     assert_eq!(body["replayed"].as_array().unwrap().len(), 1);
     assert!(
-        wait_until(WAIT, || async { svc.get_json(&format!("/product/{q}")).await["version"] == 3 }).await,
+        wait_until(WAIT, || async {
+            svc.get_json(&format!("/product/{q}")).await["version"] == 3
+        })
+        .await,
         "replayed event applied"
     );
     svc.stop().await;
@@ -211,7 +272,15 @@ async fn sync_status_is_false_while_behind_and_true_when_idle_and_complete() {
     cfg.batch_size = 2;
     cfg.fault_crash_after_write = Some(1);
     let behind = start(cfg).await;
-    assert!(wait_until(WAIT, || async { behind.ctx.fault_fired.load(std::sync::atomic::Ordering::SeqCst) }).await);
+    assert!(
+        wait_until(WAIT, || async {
+            behind
+                .ctx
+                .fault_fired
+                .load(std::sync::atomic::Ordering::SeqCst)
+        })
+        .await
+    );
     let s = behind.get_json("/sync-status").await;
     assert_eq!(s["caughtUp"], false);
     assert_eq!(s["projections"][0]["lagMessages"], 12, "{s:#}");
@@ -227,11 +296,13 @@ async fn sync_status_is_false_while_behind_and_true_when_idle_and_complete() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(svc.get_json("/sync-status").await["caughtUp"], true);
     // A relay backlog makes it false, and so does an unreachable relay.
-    env.relay_backlog.store(3, std::sync::atomic::Ordering::SeqCst);
+    env.relay_backlog
+        .store(3, std::sync::atomic::Ordering::SeqCst);
     let s = svc.get_json("/sync-status").await;
     assert_eq!(s["caughtUp"], false);
     assert_eq!(s["relay"]["backlog"], 3);
-    env.relay_backlog.store(0, std::sync::atomic::Ordering::SeqCst);
+    env.relay_backlog
+        .store(0, std::sync::atomic::Ordering::SeqCst);
     svc.stop().await;
     let mut cfg = env.config.clone();
     cfg.mutation_url = "http://127.0.0.1:9".into();

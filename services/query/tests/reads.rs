@@ -55,28 +55,50 @@ async fn missing_is_404_malformed_is_400_and_lists_paginate() {
     assert_eq!(all["items"].as_array().unwrap().len(), 7);
     assert_eq!(all["limit"], 50);
     assert_eq!(svc.get_json("/product?limit=100000").await["limit"], 500);
-    for bad in ["/product?limit=0", "/product?limit=abc", "/product?cursor=zz", "/product?cursor=%7B%22%24gt%22%3A%22%22%7D"] {
+    for bad in [
+        "/product?limit=0",
+        "/product?limit=abc",
+        "/product?cursor=zz",
+        "/product?cursor=%7B%22%24gt%22%3A%22%22%7D",
+    ] {
         let r = svc.get(bad).await;
         assert_eq!(r.status(), 400, "{bad}");
         assert_eq!(r.headers()["content-type"], "application/problem+json");
     }
     assert_eq!(svc.get_json("/user").await["items"], json!([]));
 
-    for path in ["/user/not-a-uuid", "/product/%7B%22%24gt%22%3A%22%22%7D", "/order/123"] {
+    for path in [
+        "/user/not-a-uuid",
+        "/product/%7B%22%24gt%22%3A%22%22%7D",
+        "/order/123",
+    ] {
         let r = svc.get(path).await;
         assert_eq!(r.status(), 400, "{path}");
         assert_eq!(r.headers()["content-type"], "application/problem+json");
     }
-    for path in [format!("/user/{}", Uuid::new_v4()), format!("/order/{}", Uuid::new_v4()), format!("/product/{gone}")] {
+    for path in [
+        format!("/user/{}", Uuid::new_v4()),
+        format!("/order/{}", Uuid::new_v4()),
+        format!("/product/{gone}"),
+    ] {
         let r = svc.get(&path).await;
         assert_eq!(r.status(), 404, "{path}");
         assert_eq!(r.headers()["content-type"], "application/problem+json");
     }
-    let r = svc.http.get(svc.url(&format!("/product/{}", ids[0]))).header("X-Min-Version", "soon").send().await.unwrap();
+    let r = svc
+        .http
+        .get(svc.url(&format!("/product/{}", ids[0])))
+        .header("X-Min-Version", "soon")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(svc.get("/readyz").await.status(), 200);
     let metrics = svc.get("/metrics").await.text().await.unwrap();
-    assert!(metrics.contains("cqrs_query_read_seconds_bucket{route=\"/product/{id}\""), "read latency by route");
+    assert!(
+        metrics.contains("cqrs_query_read_seconds_bucket{route=\"/product/{id}\""),
+        "read latency by route"
+    );
     assert!(metrics.contains("cqrs_query_end_to_end_lag_seconds"));
     svc.stop().await;
 }
@@ -89,10 +111,20 @@ async fn read_your_writes_waits_for_min_version_and_times_out_with_503() {
     // The read starts before the event exists; it must wait and then see it.
     let url = svc.url(&format!("/user/{u}"));
     let http = svc.http.clone();
-    let waiting = tokio::spawn(async move { http.get(url).header("X-Min-Version", "2").send().await.unwrap() });
+    let waiting = tokio::spawn(async move {
+        http.get(url)
+            .header("X-Min-Version", "2")
+            .send()
+            .await
+            .unwrap()
+    });
     env.send(&user_created(u, "ann@example.com")).await;
-    env.send(&user_updated(u, 2, "ann@example.org", "Ann")).await;
-    let r = tokio::time::timeout(Duration::from_secs(10), waiting).await.unwrap().unwrap();
+    env.send(&user_updated(u, 2, "ann@example.org", "Ann"))
+        .await;
+    let r = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["etag"], "\"2\"");
     let body: Value = r.json().await.unwrap();
@@ -100,8 +132,15 @@ async fn read_your_writes_waits_for_min_version_and_times_out_with_503() {
 
     // Write-then-read many times in a row: each read with X-Min-Version sees its write.
     for v in 3..=12u64 {
-        env.send(&user_updated(u, v, "ann@example.org", &format!("Ann {v}"))).await;
-        let r = svc.http.get(svc.url(&format!("/user/{u}"))).header("X-Min-Version", v.to_string()).send().await.unwrap();
+        env.send(&user_updated(u, v, "ann@example.org", &format!("Ann {v}")))
+            .await;
+        let r = svc
+            .http
+            .get(svc.url(&format!("/user/{u}")))
+            .header("X-Min-Version", v.to_string())
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
         let body: Value = r.json().await.unwrap();
         assert_eq!(body["version"], v);
@@ -122,7 +161,10 @@ async fn read_your_writes_waits_for_min_version_and_times_out_with_503() {
     assert!(r.headers().contains_key("retry-after"));
     assert_eq!(r.headers()["content-type"], "application/problem+json");
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(400) && took < Duration::from_secs(3), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
     svc.stop().await;
 }
 
@@ -148,7 +190,11 @@ async fn next_event(
             }
             return (event, serde_json::from_str(&data).unwrap());
         }
-        let chunk = tokio::time::timeout(Duration::from_secs(15), stream.next()).await.unwrap().unwrap().unwrap();
+        let chunk = tokio::time::timeout(Duration::from_secs(15), stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         buf.push_str(&String::from_utf8_lossy(&chunk));
     }
 }
@@ -163,7 +209,12 @@ async fn live_streams_deliver_read_model_changes() {
 
     let one = svc.get(&format!("/product/{p}/stream")).await;
     assert_eq!(one.status(), 200);
-    assert!(one.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(
+        one.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
     let mut one = one.bytes_stream();
     let mut buf1 = String::new();
     let all = svc.get("/stream?type=product").await;
@@ -196,7 +247,10 @@ async fn live_streams_deliver_read_model_changes() {
         let (ev, data) = next_event(&mut all, &mut buf2).await;
         assert_eq!(ev, "change");
         assert_eq!(data["type"], "product");
-        got.insert(data["id"].as_str().unwrap().to_owned(), data["version"].as_u64().unwrap());
+        got.insert(
+            data["id"].as_str().unwrap().to_owned(),
+            data["version"].as_u64().unwrap(),
+        );
     }
     drop(one);
     drop(all);
@@ -219,7 +273,10 @@ async fn rebuild_while_reading_never_fails_or_goes_back_in_time() {
     }
     env.send_all(&events).await;
     svc.wait_caught_up().await;
-    assert_eq!(svc.get_json("/admin/projections").await, json!({"serving": 1, "rebuild": null}));
+    assert_eq!(
+        svc.get_json("/admin/projections").await,
+        json!({"serving": 1, "rebuild": null})
+    );
 
     // Readers run continuously through the rebuild and the switch.
     let stop = tokio_util::sync::CancellationToken::new();
@@ -233,9 +290,15 @@ async fn rebuild_while_reading_never_fails_or_goes_back_in_time() {
             while !stop.is_cancelled() {
                 let id = ids[i % ids.len()];
                 i += 1;
-                let res = http.get(format!("{base}/product/{id}")).send().await.unwrap();
+                let res = http
+                    .get(format!("{base}/product/{id}"))
+                    .send()
+                    .await
+                    .unwrap();
                 assert_eq!(res.status(), 200, "read of {id} failed during the rebuild");
-                let v = res.json::<Value>().await.unwrap()["version"].as_u64().unwrap();
+                let v = res.json::<Value>().await.unwrap()["version"]
+                    .as_u64()
+                    .unwrap();
                 let prev = last.insert(id, v).unwrap_or(0);
                 assert!(v >= prev && v >= 4, "{id}: version went from {prev} to {v}");
                 reads += 1;
@@ -244,7 +307,12 @@ async fn rebuild_while_reading_never_fails_or_goes_back_in_time() {
         }));
     }
 
-    let post = |g: u32| svc.http.post(svc.url("/admin/projections/rebuild")).json(&json!({"generation": g})).send();
+    let post = |g: u32| {
+        svc.http
+            .post(svc.url("/admin/projections/rebuild"))
+            .json(&json!({"generation": g}))
+            .send()
+    };
     // Start a rebuild to 3, replace it by 2 (a different N replaces), then ask for 2 again (idempotent).
     assert_eq!(post(3).await.unwrap().status(), 202);
     let r = post(2).await.unwrap();
@@ -259,7 +327,10 @@ async fn rebuild_while_reading_never_fails_or_goes_back_in_time() {
         if last["serving"] == 2 {
             break last;
         }
-        assert!(tokio::time::Instant::now() < deadline, "rebuild never switched: {last:#}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "rebuild never switched: {last:#}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(last["rebuild"]["state"], "switched");
@@ -273,22 +344,45 @@ async fn rebuild_while_reading_never_fails_or_goes_back_in_time() {
     }
     // New writes land in generation 2 and are served.
     env.send(&product_updated(ids[0], 5, "p0", 999)).await;
-    let r = svc.http.get(svc.url(&format!("/product/{}", ids[0]))).header("X-Min-Version", "5").send().await.unwrap();
+    let r = svc
+        .http
+        .get(svc.url(&format!("/product/{}", ids[0])))
+        .header("X-Min-Version", "5")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(env.snapshot(2).await.len(), 30);
     // Older generations are rejected; the serving one is a no-op; the old collections go after the grace period.
     assert_eq!(post(1).await.unwrap().status(), 409);
     assert_eq!(post(2).await.unwrap().status(), 202);
-    assert!(wait_until(WAIT, || async { env.snapshot(1).await.is_empty() && env.snapshot(3).await.is_empty() }).await);
+    assert!(
+        wait_until(WAIT, || async {
+            env.snapshot(1).await.is_empty() && env.snapshot(3).await.is_empty()
+        })
+        .await
+    );
 
     // Cancel: a rebuild to 4 is cancelled and reads stay on 2.
     assert_eq!(post(4).await.unwrap().status(), 202);
-    let r = svc.http.delete(svc.url("/admin/projections/rebuild")).send().await.unwrap();
+    let r = svc
+        .http
+        .delete(svc.url("/admin/projections/rebuild"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["serving"], 2);
     assert_eq!(body["rebuild"]["state"], "cancelled");
-    let bad = svc.http.post(svc.url("/admin/projections/rebuild")).body("{}").header("content-type", "application/json").send().await.unwrap();
+    let bad = svc
+        .http
+        .post(svc.url("/admin/projections/rebuild"))
+        .body("{}")
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(bad.status(), 400);
     svc.stop().await;
 }
@@ -311,14 +405,27 @@ async fn a_rebuild_resumes_after_a_restart() {
     cfg.batch_size = 5;
     cfg.fault_crash_after_write = Some(2);
     let first = start(cfg).await;
-    assert!(wait_until(WAIT, || async { first.ctx.fault_fired.load(std::sync::atomic::Ordering::SeqCst) }).await);
+    assert!(
+        wait_until(WAIT, || async {
+            first
+                .ctx
+                .fault_fired
+                .load(std::sync::atomic::Ordering::SeqCst)
+        })
+        .await
+    );
     let p = first.get_json("/admin/projections").await;
     assert_eq!(p["serving"], 1);
     first.stop().await;
     let mut cfg = env.config.clone();
     cfg.projection_generation = 2;
     let second = start(cfg).await;
-    assert!(wait_until(WAIT, || async { second.get_json("/admin/projections").await["serving"] == 2 }).await);
+    assert!(
+        wait_until(WAIT, || async {
+            second.get_json("/admin/projections").await["serving"] == 2
+        })
+        .await
+    );
     assert_eq!(env.snapshot(2).await.len(), 40);
     second.wait_caught_up().await;
     second.stop().await;
@@ -335,7 +442,12 @@ async fn two_replicas_share_the_partitions_and_both_serve_read_your_writes() {
             let e = if round == 1 {
                 user_created(*id, &format!("u{i}@example.com"))
             } else {
-                user_updated(*id, round, &format!("u{i}@example.com"), &format!("round {round}"))
+                user_updated(
+                    *id,
+                    round,
+                    &format!("u{i}@example.com"),
+                    &format!("round {round}"),
+                )
             };
             env.send(&e).await;
             // Whichever replica owns the partition, a read on either one sees the write.
@@ -353,7 +465,8 @@ async fn two_replicas_share_the_partitions_and_both_serve_read_your_writes() {
         }
     }
     a.wait_caught_up().await;
-    let total = a.metric("cqrs_query_events_applied_total", "") + b.metric("cqrs_query_events_applied_total", "");
+    let total = a.metric("cqrs_query_events_applied_total", "")
+        + b.metric("cqrs_query_events_applied_total", "");
     assert!(total >= 36.0, "every event applied by one of the replicas");
     assert_eq!(env.snapshot(1).await.len(), 12);
     a.stop().await;
@@ -372,18 +485,34 @@ async fn change_streams_feed_live_streams_of_a_read_only_replica() {
     env.send(&product_created(p, "Widget", 100)).await;
     writer.wait_caught_up().await;
 
-    let mut stream = reader.get(&format!("/product/{p}/stream")).await.bytes_stream();
+    let mut stream = reader
+        .get(&format!("/product/{p}/stream"))
+        .await
+        .bytes_stream();
     let mut buf = String::new();
     let (ev, data) = next_event(&mut stream, &mut buf).await;
-    assert_eq!((ev.as_str(), data["version"].as_u64()), ("snapshot", Some(1)));
+    assert_eq!(
+        (ev.as_str(), data["version"].as_u64()),
+        ("snapshot", Some(1))
+    );
     env.send(&product_updated(p, 2, "Widget 2", 200)).await;
     let (ev, data) = next_event(&mut stream, &mut buf).await;
     assert_eq!(ev, "change");
     assert_eq!(data["version"], 2);
     assert_eq!(data["doc"]["name"], "Widget 2");
-    let r = reader.http.get(reader.url(&format!("/product/{p}"))).header("X-Min-Version", "2").send().await.unwrap();
+    let r = reader
+        .http
+        .get(reader.url(&format!("/product/{p}")))
+        .header("X-Min-Version", "2")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(reader.metric("cqrs_query_events_applied_total", ""), 0.0, "the read-only replica applies nothing");
+    assert_eq!(
+        reader.metric("cqrs_query_events_applied_total", ""),
+        0.0,
+        "the read-only replica applies nothing"
+    );
     drop(stream);
     reader.stop().await;
     writer.stop().await;

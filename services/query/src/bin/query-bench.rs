@@ -60,7 +60,11 @@ fn workload(n: usize, mixed: bool) -> Vec<Envelope> {
         out.push(Envelope::new(
             id,
             1,
-            EventPayload::ProductCreated(ProductCreated { name: format!("p{i}"), price_cents: 1999, description: None }),
+            EventPayload::ProductCreated(ProductCreated {
+                name: format!("p{i}"),
+                price_cents: 1999,
+                description: None,
+            }),
         ));
         if mixed {
             for v in 2..=3 {
@@ -84,10 +88,16 @@ fn workload(n: usize, mixed: bool) -> Vec<Envelope> {
 async fn produce(p: &FutureProducer, topics: &Topics, events: &[Envelope]) -> anyhow::Result<()> {
     let topic = topics.for_aggregate(cqrs_events::AggregateType::Product);
     for chunk in events.chunks(2000) {
-        let payloads: Vec<(String, Vec<u8>)> = chunk.iter().map(|e| (e.aggregate_id.to_string(), e.to_json())).collect();
-        let sends = payloads
+        let payloads: Vec<(String, Vec<u8>)> = chunk
             .iter()
-            .map(|(k, v)| p.send(FutureRecord::to(&topic).key(k).payload(v), Duration::from_secs(30)));
+            .map(|e| (e.aggregate_id.to_string(), e.to_json()))
+            .collect();
+        let sends = payloads.iter().map(|(k, v)| {
+            p.send(
+                FutureRecord::to(&topic).key(k).payload(v),
+                Duration::from_secs(30),
+            )
+        });
         for r in futures::future::join_all(sends).await {
             r.map_err(|(e, _)| e).context("produce")?;
         }
@@ -115,14 +125,25 @@ fn applied(ctx: &cqrs_query::Ctx) -> f64 {
         .gather()
         .iter()
         .filter(|f| f.name() == "cqrs_query_events_applied_total")
-        .flat_map(|f| f.get_metric().iter().map(|m| m.get_counter().get_value()).collect::<Vec<_>>())
+        .flat_map(|f| {
+            f.get_metric()
+                .iter()
+                .map(|m| m.get_counter().get_value())
+                .collect::<Vec<_>>()
+        })
         .sum()
 }
 
 /// Applies `n` pre-produced events with `batch` and returns events/s from the first applied batch to the last.
 /// `Updates`: n products are created first (not measured), then one update each is measured (no two events
 /// of one aggregate in a batch, so nothing coalesces: every event is one guarded update).
-async fn throughput(args: &Args, producer: &FutureProducer, batch: usize, n: usize, kind: Kind) -> anyhow::Result<f64> {
+async fn throughput(
+    args: &Args,
+    producer: &FutureProducer,
+    batch: usize,
+    n: usize,
+    kind: Kind,
+) -> anyhow::Result<f64> {
     let (mut cfg, topics) = fresh(args, &format!("b{batch}")).await?;
     cfg.batch_size = batch;
     cfg.batch_wait_ms = 20;
@@ -150,7 +171,11 @@ async fn throughput(args: &Args, producer: &FutureProducer, batch: usize, n: usi
                 Envelope::new(
                     e.aggregate_id,
                     2,
-                    EventPayload::ProductUpdated(ProductUpdated { name: "u".into(), price_cents: 1, description: None }),
+                    EventPayload::ProductUpdated(ProductUpdated {
+                        name: "u".into(),
+                        price_cents: 1,
+                        description: None,
+                    }),
                 )
             })
             .collect();
@@ -179,7 +204,10 @@ async fn throughput(args: &Args, producer: &FutureProducer, batch: usize, n: usi
 async fn raw_insert_rate(args: &Args, n: usize) -> anyhow::Result<f64> {
     let client = mongodb::Client::with_uri_str(&args.mongo_url).await?;
     let coll = client
-        .database(&format!("bench_raw_{}", &Uuid::new_v4().simple().to_string()[..8]))
+        .database(&format!(
+            "bench_raw_{}",
+            &Uuid::new_v4().simple().to_string()[..8]
+        ))
         .collection::<mongodb::bson::Document>("raw");
     let docs: Vec<_> = (0..n).map(product_doc).collect();
     // Create the database and collection first: the projection's rate excludes its first batch too.
@@ -195,7 +223,10 @@ async fn raw_insert_rate(args: &Args, n: usize) -> anyhow::Result<f64> {
 /// guarded `{_id, version: {$lt: 2}}` with upsert, on documents that exist (what the projection sends).
 async fn raw_guarded_update_rate(args: &Args, n: usize) -> anyhow::Result<f64> {
     let client = mongodb::Client::with_uri_str(&args.mongo_url).await?;
-    let db = client.database(&format!("bench_rawu_{}", &Uuid::new_v4().simple().to_string()[..8]));
+    let db = client.database(&format!(
+        "bench_rawu_{}",
+        &Uuid::new_v4().simple().to_string()[..8]
+    ));
     let coll = db.collection::<mongodb::bson::Document>("raw");
     let docs: Vec<_> = (0..n).map(product_doc).collect();
     for chunk in docs.chunks(1000) {
@@ -213,7 +244,8 @@ async fn raw_guarded_update_rate(args: &Args, n: usize) -> anyhow::Result<f64> {
                 })
             })
             .collect();
-        db.run_command(doc! {"update": "raw", "updates": updates, "ordered": false}).await?;
+        db.run_command(doc! {"update": "raw", "updates": updates, "ordered": false})
+            .await?;
     }
     Ok(n as f64 / t.elapsed().as_secs_f64())
 }
@@ -238,7 +270,12 @@ async fn lag(args: &Args, producer: &FutureProducer) -> anyhow::Result<(f64, f64
     let total = usize::try_from(args.rate * args.seconds)?;
     let events = Arc::new(workload(total, false));
     let sent: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
-    let (p, t, ev, s) = (producer.clone(), topics.clone(), events.clone(), sent.clone());
+    let (p, t, ev, s) = (
+        producer.clone(),
+        topics.clone(),
+        events.clone(),
+        sent.clone(),
+    );
     let rate = args.rate;
     let producing = tokio::spawn(async move {
         let start = tokio::time::Instant::now();
@@ -249,7 +286,9 @@ async fn lag(args: &Args, producer: &FutureProducer) -> anyhow::Result<(f64, f64
                 m.insert(e.aggregate_id.to_string(), Instant::now());
             }
             let (p, t, e) = (p.clone(), t.clone(), e.clone());
-            pending.push(tokio::spawn(async move { produce(&p, &t, std::slice::from_ref(&e)).await }));
+            pending.push(tokio::spawn(async move {
+                produce(&p, &t, std::slice::from_ref(&e)).await
+            }));
         }
         for h in pending {
             h.await??;
@@ -274,7 +313,11 @@ async fn lag(args: &Args, producer: &FutureProducer) -> anyhow::Result<(f64, f64
     let _ = tx.send(());
     run.await??;
     lags.sort_by(f64::total_cmp);
-    let pct = |q: f64| lags.get(((lags.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(f64::NAN);
+    let pct = |q: f64| {
+        lags.get(((lags.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
     Ok((pct(0.5), pct(0.99), lags.len()))
 }
 

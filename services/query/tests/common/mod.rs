@@ -13,9 +13,9 @@ use std::{
 
 use axum::{Json, Router, extract::State, routing::get};
 use cqrs_events::{
-    AggregateType, Envelope, EventPayload, HEADER_EVENT_ID, HEADER_EVENT_TYPE, OrderCancelled, OrderCreated,
-    OrderItem, OrderUser, ProductCreated, ProductDeleted, ProductUpdated, Topics, UserCreated, UserDeleted,
-    UserUpdated,
+    AggregateType, Envelope, EventPayload, HEADER_EVENT_ID, HEADER_EVENT_TYPE, OrderCancelled,
+    OrderCreated, OrderItem, OrderUser, ProductCreated, ProductDeleted, ProductUpdated, Topics,
+    UserCreated, UserDeleted, UserUpdated,
 };
 use cqrs_query::{Application, Ctx, QueryConfig};
 use futures::TryStreamExt;
@@ -45,7 +45,9 @@ pub async fn env(name: &str) -> Env {
     let topics = Topics::new(t.topic_prefix.clone());
     let mut all = topics.event_topics();
     all.push(topics.dlq());
-    cqrs_query::kafka::ensure_topics(&t.kafka_bootstrap, &all, 3).await.unwrap();
+    cqrs_query::kafka::ensure_topics(&t.kafka_bootstrap, &all, 3)
+        .await
+        .unwrap();
     let relay_backlog = Arc::new(AtomicI64::new(0));
     let relay_port = relay_stub(relay_backlog.clone()).await;
     let mut config = QueryConfig::new(t.mongo_url.clone(), t.kafka_bootstrap.clone());
@@ -59,8 +61,17 @@ pub async fn env(name: &str) -> Env {
         .set("linger.ms", "2")
         .create()
         .unwrap();
-    let mongo = mongodb::Client::with_uri_str(&t.mongo_url).await.unwrap().database(&t.mongo_db);
-    Env { config, topics, relay_backlog, producer, mongo }
+    let mongo = mongodb::Client::with_uri_str(&t.mongo_url)
+        .await
+        .unwrap()
+        .database(&t.mongo_db);
+    Env {
+        config,
+        topics,
+        relay_backlog,
+        producer,
+        mongo,
+    }
 }
 
 /// A real HTTP server answering `GET /relay/status` like mutation does.
@@ -109,7 +120,10 @@ impl Running {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
-        tokio::time::timeout(Duration::from_secs(30), &mut self.join).await.expect("service stops").unwrap();
+        tokio::time::timeout(Duration::from_secs(30), &mut self.join)
+            .await
+            .expect("service stops")
+            .unwrap();
     }
 
     /// Waits until `/sync-status` says caught up.
@@ -120,7 +134,10 @@ impl Running {
             if last["caughtUp"] == true {
                 return last;
             }
-            assert!(tokio::time::Instant::now() < deadline, "never caught up: {last:#}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never caught up: {last:#}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -132,8 +149,11 @@ impl Running {
                 continue;
             }
             for m in fam.get_metric() {
-                let labels: Vec<String> =
-                    m.get_label().iter().map(|l| format!("{}={}", l.name(), l.value())).collect();
+                let labels: Vec<String> = m
+                    .get_label()
+                    .iter()
+                    .map(|l| format!("{}={}", l.name(), l.value()))
+                    .collect();
                 if label_match.is_empty() || labels.iter().any(|l| l == label_match) {
                     total += m.get_counter().get_value();
                 }
@@ -155,7 +175,13 @@ pub async fn start(config: QueryConfig) -> Running {
         .await
         .unwrap();
     });
-    Running { port, ctx, stop: Some(tx), join, http: reqwest::Client::new() }
+    Running {
+        port,
+        ctx,
+        stop: Some(tx),
+        join,
+        http: reqwest::Client::new(),
+    }
 }
 
 /// Polls `cond` every 50 ms until it holds or `timeout` passes.
@@ -183,10 +209,22 @@ impl Env {
         let id = env.id.to_string();
         let value = env.to_json();
         let headers = OwnedHeaders::new()
-            .insert(Header { key: HEADER_EVENT_TYPE, value: Some(env.event_type().as_str()) })
-            .insert(Header { key: HEADER_EVENT_ID, value: Some(id.as_str()) });
+            .insert(Header {
+                key: HEADER_EVENT_TYPE,
+                value: Some(env.event_type().as_str()),
+            })
+            .insert(Header {
+                key: HEADER_EVENT_ID,
+                value: Some(id.as_str()),
+            });
         self.producer
-            .send(FutureRecord::to(&topic).key(&key).payload(&value).headers(headers), Duration::from_secs(10))
+            .send(
+                FutureRecord::to(&topic)
+                    .key(&key)
+                    .payload(&value)
+                    .headers(headers),
+                Duration::from_secs(10),
+            )
             .await
             .unwrap();
     }
@@ -202,7 +240,10 @@ impl Env {
     pub async fn send_raw(&self, aggregate: AggregateType, key: &str, value: &[u8]) {
         let topic = self.topics.for_aggregate(aggregate);
         self.producer
-            .send(FutureRecord::to(&topic).key(key).payload(value), Duration::from_secs(10))
+            .send(
+                FutureRecord::to(&topic).key(key).payload(value),
+                Duration::from_secs(10),
+            )
             .await
             .unwrap();
     }
@@ -211,8 +252,17 @@ impl Env {
     pub async fn snapshot(&self, generation: u32) -> Vec<Document> {
         let mut out = Vec::new();
         for e in AggregateType::ALL {
-            let c = self.mongo.collection::<Document>(&cqrs_query::model::collection_name(e, generation));
-            let docs: Vec<Document> = c.find(doc! {}).sort(doc! {"_id": 1}).await.unwrap().try_collect().await.unwrap();
+            let c = self
+                .mongo
+                .collection::<Document>(&cqrs_query::model::collection_name(e, generation));
+            let docs: Vec<Document> = c
+                .find(doc! {})
+                .sort(doc! {"_id": 1})
+                .await
+                .unwrap()
+                .try_collect()
+                .await
+                .unwrap();
             out.extend(docs);
         }
         out
@@ -220,10 +270,24 @@ impl Env {
 }
 
 pub fn user_created(id: Uuid, email: &str) -> Envelope {
-    Envelope::new(id, 1, EventPayload::UserCreated(UserCreated { email: email.into(), name: Some("Ann".into()) }))
+    Envelope::new(
+        id,
+        1,
+        EventPayload::UserCreated(UserCreated {
+            email: email.into(),
+            name: Some("Ann".into()),
+        }),
+    )
 }
 pub fn user_updated(id: Uuid, v: u64, email: &str, name: &str) -> Envelope {
-    Envelope::new(id, v, EventPayload::UserUpdated(UserUpdated { email: email.into(), name: Some(name.into()) }))
+    Envelope::new(
+        id,
+        v,
+        EventPayload::UserUpdated(UserUpdated {
+            email: email.into(),
+            name: Some(name.into()),
+        }),
+    )
 }
 pub fn user_deleted(id: Uuid, v: u64) -> Envelope {
     Envelope::new(id, v, EventPayload::UserDeleted(UserDeleted {}))
@@ -232,7 +296,11 @@ pub fn product_created(id: Uuid, name: &str, cents: i64) -> Envelope {
     Envelope::new(
         id,
         1,
-        EventPayload::ProductCreated(ProductCreated { name: name.into(), price_cents: cents, description: None }),
+        EventPayload::ProductCreated(ProductCreated {
+            name: name.into(),
+            price_cents: cents,
+            description: None,
+        }),
     )
 }
 pub fn product_updated(id: Uuid, v: u64, name: &str, cents: i64) -> Envelope {
@@ -255,7 +323,11 @@ pub fn order_created(id: Uuid, user: Uuid, product: Uuid, unit: i64, qty: u32) -
         id,
         1,
         EventPayload::OrderCreated(OrderCreated {
-            user: OrderUser { id: user, email: "ann@example.com".into(), name: Some("Ann".into()) },
+            user: OrderUser {
+                id: user,
+                email: "ann@example.com".into(),
+                name: Some("Ann".into()),
+            },
             items: vec![OrderItem {
                 product_id: product,
                 product_name: "Widget".into(),
@@ -268,12 +340,24 @@ pub fn order_created(id: Uuid, user: Uuid, product: Uuid, unit: i64, qty: u32) -
     )
 }
 pub fn order_cancelled(id: Uuid, v: u64) -> Envelope {
-    Envelope::new(id, v, EventPayload::OrderCancelled(OrderCancelled { reason: Some("changed mind".into()) }))
+    Envelope::new(
+        id,
+        v,
+        EventPayload::OrderCancelled(OrderCancelled {
+            reason: Some("changed mind".into()),
+        }),
+    )
 }
 
 /// One aggregate of each type through every event type.
 pub fn every_event_type() -> (Vec<Envelope>, Uuid, Uuid, Uuid, Uuid, Uuid) {
-    let (u, u2, p, p2, o) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let (u, u2, p, p2, o) = (
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+    );
     let events = vec![
         user_created(u, "ann@example.com"),
         user_updated(u, 2, "ann@example.org", "Ann B"),
