@@ -125,11 +125,14 @@ pub async fn run(
         let r = lead(&s, &mut conn, &shared, &metrics, &stop).await;
         shared.leader.store(false, Ordering::SeqCst);
         metrics.relay_leader.set(0);
-        if let Err(e) = r {
-            tracing::warn!(error = %e, "relay lost its database connection; standing by");
-        }
         // Closing the connection releases the lock.
         let _ = conn.close().await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "relay stopped leading; standing by");
+            if sleep_or_stop(s.poll, &stop).await {
+                return;
+            }
+        }
     }
 }
 

@@ -51,6 +51,10 @@ struct Args {
     /// Interleaved rounds per point (the median is reported).
     #[arg(long, env = "BENCH_ROUNDS", default_value_t = 3)]
     rounds: usize,
+    /// Also measure the relay: drain the outbox the run filled into the devstack's shared Kafka for this many
+    /// seconds (0 = skip).
+    #[arg(long, env = "BENCH_RELAY_SECONDS", default_value_t = 0)]
+    relay_seconds: u64,
     /// Skip the scenarios that hash with the OWASP argon2id parameters (they are CPU-bound by design).
     #[arg(long, env = "BENCH_SKIP_ARGON2", default_value_t = false)]
     skip_argon2: bool,
@@ -230,6 +234,77 @@ fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
+}
+
+/// Publishes the outbox the scenarios filled (relay on, devstack Kafka) and reports events/s.
+async fn relay_throughput(db_url: &str, seconds: u64) -> anyhow::Result<()> {
+    let env = cqrs_devstack::test_env("mutation-bench-relay").await?;
+    let mut c = Config::for_test(db_url, &env.kafka_bootstrap, &env.topic_prefix);
+    c.relay_poll_ms = 50;
+    let s = start_scenario_with(c).await?;
+    let client = reqwest::Client::new();
+    let status = |client: reqwest::Client, base: String| async move {
+        let v: serde_json::Value = client
+            .get(format!("{base}/relay/status"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        anyhow::Ok(v)
+    };
+    let before = status(client.clone(), s.base.clone()).await?;
+    // Wait for leadership and topic creation (the first published event), then measure.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let start_published = loop {
+        let v = status(client.clone(), s.base.clone()).await?;
+        let p = v["publishedTotal"].as_u64().unwrap_or(0);
+        if p > 0 {
+            break p;
+        }
+        if Instant::now() > deadline {
+            bail!("the relay published nothing in 60 s: {v}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Until the backlog is empty or the time is up, whichever is first.
+    let t = Instant::now();
+    let after = loop {
+        let v = status(client.clone(), s.base.clone()).await?;
+        if v["backlog"] == 0 || t.elapsed() >= Duration::from_secs(seconds) {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let published = after["publishedTotal"].as_u64().unwrap_or(0) - start_published;
+    println!(
+        "\n## Relay\nBacklog {} events at start; published {} in {:.1} s = {:.0} events/s \
+         (batch {} events, acks=all, idempotent producer, devstack Kafka); backlog now {}.",
+        before["backlog"],
+        published,
+        t.elapsed().as_secs_f64(),
+        published as f64 / t.elapsed().as_secs_f64(),
+        500,
+        after["backlog"]
+    );
+    let _ = s.stop.send(());
+    s.handle.await??;
+    Ok(())
+}
+
+async fn start_scenario_with(c: Config) -> anyhow::Result<Scenario> {
+    let app = Application::build(c).await?;
+    let base = format!("http://127.0.0.1:{}", app.port());
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(app.run_until_stopped(async move {
+        let _ = rx.await;
+    }));
+    Ok(Scenario {
+        title: "relay",
+        path: "",
+        base,
+        stop,
+        handle,
+    })
 }
 
 fn is_root() -> bool {
@@ -463,6 +538,9 @@ async fn main() -> anyhow::Result<()> {
     for sc in scenarios {
         let _ = sc.stop.send(());
         sc.handle.await??;
+    }
+    if args.relay_seconds > 0 {
+        relay_throughput(&db_url, args.relay_seconds).await?;
     }
     println!("\nload average at end: {}", load_average());
     if let Some((mut pg, dir)) = private {
