@@ -13,10 +13,14 @@ use crate::{DevstackError, Installer, Result, proc};
 #[derive(Debug, Clone)]
 pub struct MongoConfig {
     pub port: u16,
-    /// Where the server keeps `log` (and its data when `storage` is `None`... see below).
+    /// Where the server keeps its `log`.
     pub dir: PathBuf,
     /// `None`: in memory (tests; lost on restart). `Some(path)`: on disk, kept across restarts.
     pub storage: Option<PathBuf>,
+    /// Fsync the log on every commit (`--sync-on-commit`). Without it SecantusDB acknowledges writes that a
+    /// `kill -9` can lose, even at write concern `majority` — unlike a real MongoDB replica set, where a
+    /// majority-acknowledged write is journaled. Tests that kill the server need it; it costs throughput.
+    pub sync_on_commit: bool,
 }
 
 /// A Mongo-wire server. Dropping a private one kills it and deletes its files.
@@ -38,6 +42,7 @@ impl Mongo {
         let cfg = MongoConfig {
             port: proc::free_port()?,
             storage: Some(dir.join("data")),
+            sync_on_commit: true,
             dir,
         };
         let mut m = Self::start_with(cfg).await?;
@@ -106,6 +111,9 @@ impl Mongo {
         ])
         .args(["--log-level", "WARNING"])
         .current_dir(&self.cfg.dir);
+        if self.cfg.sync_on_commit {
+            c.arg("--sync-on-commit");
+        }
         let child = proc::spawn_detached(c, &self.log_path())?;
         self.pid = Some(child.id());
         self.child = Some(child);

@@ -187,16 +187,20 @@ pub async fn ensure_stack(spec: &ProfileSpec) -> Result<Ensured> {
             heap: "1g".into(),
         },
     };
+    // The shared servers are never killed by tests, and the local stack favours speed: no per-commit fsync
+    // there (tests that kill -9 the Mongo-wire server use a private one, which syncs).
     let mongo_cfg = match &previous {
         Some(s) => MongoConfig {
             port: s.mongo_port,
             dir: s.mongo_dir.clone(),
             storage: s.mongo_storage.clone(),
+            sync_on_commit: false,
         },
         None => MongoConfig {
             port: port_or_free(spec.mongo_port)?,
             dir: base.join("mongo"),
             storage: (!spec.mongo_in_memory).then(|| base.join("mongo").join("data")),
+            sync_on_commit: false,
         },
     };
 
@@ -342,6 +346,7 @@ pub async fn stop_stack(profile: &str) -> Result<bool> {
             port: s.mongo_port,
             dir: s.mongo_dir.clone(),
             storage: s.mongo_storage.clone(),
+            sync_on_commit: false,
         },
         s.mongo_pid,
     )
