@@ -761,7 +761,8 @@ fn order_json(
     let mut v = json!({
         "id": id, "userId": user.id,
         "user": {"id": user.id, "email": user.email, "name": user.name},
-        "status": status, "items": items,
+        // The API and the read model speak the events' vocabulary; the table keeps its own lower-case states.
+        "status": if status == "cancelled" { "CANCELLED" } else { "CREATED" }, "items": items,
         "totalCents": total_cents, "total": format_cents(total_cents),
         "version": version, "createdAt": ts(created_at), "updatedAt": ts(updated_at),
     });

@@ -505,7 +505,7 @@ async fn orders_are_priced_on_the_server() {
     assert_eq!(o["items"][0]["lineTotalCents"], 750);
     assert_eq!(o["items"][1]["productName"], "B");
     assert_eq!(o["user"]["email"], "o@example.com");
-    assert_eq!(o["status"], "placed");
+    assert_eq!(o["status"], "CREATED");
     let order = o["id"].as_str().unwrap().to_owned();
 
     let unknown = uuid::Uuid::new_v4().to_string();
@@ -587,7 +587,7 @@ async fn orders_are_priced_on_the_server() {
             o["cancelReason"].as_str(),
             o["totalCents"].as_i64()
         ),
-        (Some("cancelled"), Some("changed my mind"), Some(820))
+        (Some("CANCELLED"), Some("changed my mind"), Some(820))
     );
     let r = app
         .client

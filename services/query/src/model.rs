@@ -165,6 +165,7 @@ pub fn apply(base: Option<&Document>, env: &Envelope) -> Result<Document, String
                 .collect();
             doc! {
                 "_id": &id,
+                "userId": o.user.id.to_string(),
                 "user": {"id": o.user.id.to_string(), "email": &o.user.email, "name": opt_str(&o.user.name)},
                 "items": items,
                 "totalCents": o.total_cents,
