@@ -31,7 +31,8 @@ pub fn all() -> Vec<(String, String)> {
 /// Pretty JSON with every object's keys sorted, so the text does not depend on whether some other crate in the
 /// build turned on serde_json's `preserve_order` (feature unification would otherwise change the key order).
 fn pretty(s: &schemars::Schema) -> String {
-    let mut text = serde_json::to_string_pretty(&canonical(s.as_value().clone())).unwrap_or_default();
+    let mut text =
+        serde_json::to_string_pretty(&canonical(s.as_value().clone())).unwrap_or_default();
     text.push('\n');
     text
 }
@@ -43,7 +44,9 @@ fn canonical(v: serde_json::Value) -> serde_json::Value {
                 m.into_iter().map(|(k, v)| (k, canonical(v))).collect();
             serde_json::Value::Object(sorted.into_iter().collect())
         }
-        serde_json::Value::Array(a) => serde_json::Value::Array(a.into_iter().map(canonical).collect()),
+        serde_json::Value::Array(a) => {
+            serde_json::Value::Array(a.into_iter().map(canonical).collect())
+        }
         other => other,
     }
 }
