@@ -1,18 +1,17 @@
 //! Apache Kafka 4.3.1 in KRaft mode (one combined broker+controller node) from Maven Central jars.
 
 use std::{
-    path::{Path, PathBuf},
-    process::{Child, Command},
+    path::PathBuf,
+    process::Command,
     time::{Duration, Instant},
 };
 
-use nix::sys::signal::Signal;
 use rdkafka::{
     ClientConfig,
     consumer::{BaseConsumer, Consumer},
 };
 
-use crate::{DevstackError, Installer, Result, error::IoContext, proc};
+use crate::{DevstackError, Installer, Result, error::IoContext, proc, proc::ServerProcess};
 
 #[derive(Debug, Clone)]
 pub struct KafkaConfig {
@@ -29,8 +28,7 @@ pub struct KafkaConfig {
 pub struct Kafka {
     cfg: KafkaConfig,
     libs: PathBuf,
-    child: Option<Child>,
-    pid: Option<u32>,
+    process: ServerProcess,
     owned: bool,
 }
 
@@ -62,8 +60,7 @@ impl Kafka {
         let mut k = Self {
             cfg,
             libs,
-            child: None,
-            pid: None,
+            process: ServerProcess::default(),
             owned: false,
         };
         k.write_config()?;
@@ -77,8 +74,7 @@ impl Kafka {
         Ok(Self {
             cfg,
             libs,
-            child: None,
-            pid: Some(pid),
+            process: ServerProcess::attached(pid),
             owned: false,
         })
     }
@@ -90,7 +86,7 @@ impl Kafka {
         self.cfg.port
     }
     pub fn pid(&self) -> Option<u32> {
-        self.pid
+        self.process.pid()
     }
     pub fn log_path(&self) -> PathBuf {
         self.cfg.dir.join("log")
@@ -198,8 +194,7 @@ impl Kafka {
         c.arg("kafka.Kafka")
             .arg(self.cfg.dir.join("server.properties"));
         let child = proc::spawn_detached(c, &self.log_path())?;
-        self.pid = Some(child.id());
-        self.child = Some(child);
+        self.process = ServerProcess::spawned(child);
         self.wait_ready(Duration::from_secs(120)).await
     }
 
@@ -207,9 +202,7 @@ impl Kafka {
         let deadline = Instant::now() + timeout;
         let bootstrap = self.bootstrap();
         loop {
-            if let Some(c) = self.child.as_mut()
-                && let Ok(Some(status)) = c.try_wait()
-            {
+            if let Some(status) = self.process.exited() {
                 return Err(DevstackError::Exited {
                     server: "kafka",
                     status: status.to_string(),
@@ -236,42 +229,23 @@ impl Kafka {
 
     /// Controlled shutdown (SIGTERM), waiting for the process to exit.
     pub async fn stop(&mut self) -> Result<()> {
-        if let Some(pid) = self.pid.take() {
-            proc::terminate(pid, self.child.as_mut(), Duration::from_secs(30)).await;
-        }
-        self.child = None;
+        self.process.stop(Duration::from_secs(30)).await;
         Ok(())
     }
 
     /// `kill -9`: no controlled shutdown, like a crashed node.
     pub fn kill(&mut self) -> Result<()> {
-        if let Some(pid) = self.pid.take() {
-            proc::signal(pid, Signal::SIGKILL);
-            if let Some(c) = self.child.as_mut() {
-                let _ = c.wait();
-            }
-        }
-        self.child = None;
+        self.process.kill();
         Ok(())
     }
 
     pub fn running(&self) -> bool {
-        self.pid.is_some_and(proc::pid_alive)
+        self.process.running()
     }
 
     pub(crate) async fn destroy(&mut self) -> Result<()> {
         self.stop().await?;
-        remove_dir(&self.cfg.dir)
-    }
-}
-
-fn remove_dir(dir: &Path) -> Result<()> {
-    match std::fs::remove_dir_all(dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(DevstackError::Io {
-            what: format!("removing {}", dir.display()),
-            source: e,
-        }),
-        _ => Ok(()),
+        proc::remove_dir(&self.cfg.dir)
     }
 }
 

@@ -2,13 +2,11 @@
 
 use std::{
     path::PathBuf,
-    process::{Child, Command},
+    process::Command,
     time::{Duration, Instant},
 };
 
-use nix::sys::signal::Signal;
-
-use crate::{DevstackError, Installer, Result, proc};
+use crate::{DevstackError, Installer, Result, proc, proc::ServerProcess};
 
 #[derive(Debug, Clone)]
 pub struct MongoConfig {
@@ -28,8 +26,7 @@ pub struct MongoConfig {
 pub struct Mongo {
     cfg: MongoConfig,
     exe: PathBuf,
-    child: Option<Child>,
-    pid: Option<u32>,
+    process: ServerProcess,
     owned: bool,
 }
 
@@ -55,8 +52,7 @@ impl Mongo {
         let mut m = Self {
             cfg,
             exe,
-            child: None,
-            pid: None,
+            process: ServerProcess::default(),
             owned: false,
         };
         m.start().await?;
@@ -68,8 +64,7 @@ impl Mongo {
         Ok(Self {
             cfg,
             exe,
-            child: None,
-            pid: Some(pid),
+            process: ServerProcess::attached(pid),
             owned: false,
         })
     }
@@ -81,7 +76,7 @@ impl Mongo {
         self.cfg.port
     }
     pub fn pid(&self) -> Option<u32> {
-        self.pid
+        self.process.pid()
     }
     pub fn log_path(&self) -> PathBuf {
         self.cfg.dir.join("log")
@@ -115,17 +110,14 @@ impl Mongo {
             c.arg("--sync-on-commit");
         }
         let child = proc::spawn_detached(c, &self.log_path())?;
-        self.pid = Some(child.id());
-        self.child = Some(child);
+        self.process = ServerProcess::spawned(child);
         self.wait_ready(Duration::from_secs(60)).await
     }
 
     async fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(c) = self.child.as_mut()
-                && let Ok(Some(status)) = c.try_wait()
-            {
+            if let Some(status) = self.process.exited() {
                 return Err(DevstackError::Exited {
                     server: "mongo",
                     status: status.to_string(),
@@ -147,37 +139,22 @@ impl Mongo {
     }
 
     pub async fn stop(&mut self) -> Result<()> {
-        if let Some(pid) = self.pid.take() {
-            proc::terminate(pid, self.child.as_mut(), Duration::from_secs(15)).await;
-        }
-        self.child = None;
+        self.process.stop(Duration::from_secs(15)).await;
         Ok(())
     }
 
     pub fn kill(&mut self) -> Result<()> {
-        if let Some(pid) = self.pid.take() {
-            proc::signal(pid, Signal::SIGKILL);
-            if let Some(c) = self.child.as_mut() {
-                let _ = c.wait();
-            }
-        }
-        self.child = None;
+        self.process.kill();
         Ok(())
     }
 
     pub fn running(&self) -> bool {
-        self.pid.is_some_and(proc::pid_alive)
+        self.process.running()
     }
 
     pub(crate) async fn destroy(&mut self) -> Result<()> {
         self.stop().await?;
-        match std::fs::remove_dir_all(&self.cfg.dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(DevstackError::Io {
-                what: format!("removing {}", self.cfg.dir.display()),
-                source: e,
-            }),
-            _ => Ok(()),
-        }
+        proc::remove_dir(&self.cfg.dir)
     }
 }
 

@@ -119,3 +119,72 @@ pub fn run(mut cmd: Command, what: &str) -> Result<String> {
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
+
+/// A server process: one we started (we hold its `Child` and reap it) or one we attached to by pid (started by
+/// another process of the same profile).
+#[derive(Debug, Default)]
+pub(crate) struct ServerProcess {
+    child: Option<Child>,
+    pid: Option<u32>,
+}
+
+impl ServerProcess {
+    pub(crate) fn attached(pid: u32) -> Self {
+        Self {
+            child: None,
+            pid: Some(pid),
+        }
+    }
+
+    pub(crate) fn spawned(child: Child) -> Self {
+        Self {
+            pid: Some(child.id()),
+            child: Some(child),
+        }
+    }
+
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+
+    pub(crate) fn running(&self) -> bool {
+        self.pid.is_some_and(pid_alive)
+    }
+
+    /// The exit status, if a process we started has already exited.
+    pub(crate) fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`.
+    pub(crate) async fn stop(&mut self, grace: Duration) {
+        if let Some(pid) = self.pid.take() {
+            terminate(pid, self.child.as_mut(), grace).await;
+        }
+        self.child = None;
+    }
+
+    /// `kill -9`: no controlled shutdown, like a crash.
+    pub(crate) fn kill(&mut self) {
+        if let Some(pid) = self.pid.take() {
+            signal(pid, Signal::SIGKILL);
+            if let Some(c) = self.child.as_mut() {
+                let _ = c.wait();
+            }
+        }
+        self.child = None;
+    }
+}
+
+/// Removes a server's directory; a directory that is already gone is fine.
+pub(crate) fn remove_dir(dir: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(DevstackError::Io {
+            what: format!("removing {}", dir.display()),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
