@@ -250,6 +250,22 @@ macro_rules! with_event {
     };
 }
 
+/// `<state change CTE>` followed by the standard tail: the event row ($1–$9, bound by `with_event!`) and its
+/// outbox row, all in one statement.
+macro_rules! append_event_sql {
+    ($state:literal) => {
+        concat!(
+            $state,
+            ",
+         e AS (
+            INSERT INTO events (event_id, aggregate_type, aggregate_id, version, type, schema_version, data, metadata, occurred_at)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+            RETURNING position)
+         INSERT INTO outbox (position) SELECT position FROM e"
+        )
+    };
+}
+
 /// Runs one command in the caller's transaction.
 pub async fn execute(conn: &mut PgConnection, cmd: &Command, meta: &Meta) -> Exec<Outcome> {
     match cmd {
@@ -485,15 +501,12 @@ async fn update_user(
         meta,
     );
     with_event!(
-        "WITH u AS (
+        append_event_sql!(
+            "WITH u AS (
             UPDATE users SET email = $10, name = $11, password_hash = COALESCE($12, password_hash),
                    version = $4, updated_at = $9
-            WHERE id = $3),
-         e AS (
-            INSERT INTO events (event_id, aggregate_type, aggregate_id, version, type, schema_version, data, metadata, occurred_at)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-            RETURNING position)
-         INSERT INTO outbox (position) SELECT position FROM e",
+            WHERE id = $3)"
+        ),
         ev
     )
     .bind(&new_email)
@@ -526,12 +539,7 @@ async fn delete_user(
     let version = u.version + 1;
     let ev = EventRow::new(id, version, EventPayload::UserDeleted(UserDeleted {}), meta);
     with_event!(
-        "WITH u AS (UPDATE users SET deleted_at = $9, version = $4, updated_at = $9 WHERE id = $3),
-         e AS (
-            INSERT INTO events (event_id, aggregate_type, aggregate_id, version, type, schema_version, data, metadata, occurred_at)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-            RETURNING position)
-         INSERT INTO outbox (position) SELECT position FROM e",
+        append_event_sql!("WITH u AS (UPDATE users SET deleted_at = $9, version = $4, updated_at = $9 WHERE id = $3)"),
         ev
     )
     .execute(&mut *conn)
@@ -570,14 +578,9 @@ async fn create_product(
         meta,
     );
     with_event!(
-        "WITH p AS (
+        append_event_sql!("WITH p AS (
             INSERT INTO products (id, name, price_cents, description, version, created_at, updated_at)
-            VALUES ($3, $10, $11, $12, 1, $9, $9)),
-         e AS (
-            INSERT INTO events (event_id, aggregate_type, aggregate_id, version, type, schema_version, data, metadata, occurred_at)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-            RETURNING position)
-         INSERT INTO outbox (position) SELECT position FROM e",
+            VALUES ($3, $10, $11, $12, 1, $9, $9))"),
         ev
     )
     .bind(name)
@@ -664,14 +667,9 @@ async fn update_product(
         meta,
     );
     with_event!(
-        "WITH p AS (
+        append_event_sql!("WITH p AS (
             UPDATE products SET name = $10, price_cents = $11, description = $12, version = $4, updated_at = $9
-            WHERE id = $3),
-         e AS (
-            INSERT INTO events (event_id, aggregate_type, aggregate_id, version, type, schema_version, data, metadata, occurred_at)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-            RETURNING position)
-         INSERT INTO outbox (position) SELECT position FROM e",
+            WHERE id = $3)"),
         ev
     )
     .bind(&name)
@@ -710,12 +708,7 @@ async fn delete_product(
         meta,
     );
     with_event!(
-        "WITH p AS (UPDATE products SET deleted_at = $9, version = $4, updated_at = $9 WHERE id = $3),
-         e AS (
-            INSERT INTO events (event_id, aggregate_type, aggregate_id, version, type, schema_version, data, metadata, occurred_at)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-            RETURNING position)
-         INSERT INTO outbox (position) SELECT position FROM e",
+        append_event_sql!("WITH p AS (UPDATE products SET deleted_at = $9, version = $4, updated_at = $9 WHERE id = $3)"),
         ev
     )
     .execute(&mut *conn)
@@ -870,19 +863,14 @@ async fn create_order(
         .collect();
     let line_totals: Vec<i64> = lines.iter().map(|l| l.line_total_cents).collect();
     with_event!(
-        "WITH o AS (
+        append_event_sql!("WITH o AS (
             INSERT INTO orders (id, user_id, status, total_cents, version, created_at, updated_at)
             VALUES ($3, $10, 'placed', $11, 1, $9, $9)
             RETURNING id),
          i AS (
             INSERT INTO order_items (order_id, line_no, product_id, product_name, unit_price_cents, quantity, line_total_cents)
             SELECT o.id, t.* FROM o,
-                unnest($12::int[], $13::uuid[], $14::text[], $15::bigint[], $16::int[], $17::bigint[]) AS t),
-         e AS (
-            INSERT INTO events (event_id, aggregate_type, aggregate_id, version, type, schema_version, data, metadata, occurred_at)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-            RETURNING position)
-         INSERT INTO outbox (position) SELECT position FROM e",
+                unnest($12::int[], $13::uuid[], $14::text[], $15::bigint[], $16::int[], $17::bigint[]) AS t)"),
         ev
     )
     .bind(user_id)
@@ -971,14 +959,9 @@ async fn cancel_order(
         meta,
     );
     with_event!(
-        "WITH o AS (
+        append_event_sql!("WITH o AS (
             UPDATE orders SET status = 'cancelled', cancelled_at = $9, cancel_reason = $10, version = $4, updated_at = $9
-            WHERE id = $3),
-         e AS (
-            INSERT INTO events (event_id, aggregate_type, aggregate_id, version, type, schema_version, data, metadata, occurred_at)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-            RETURNING position)
-         INSERT INTO outbox (position) SELECT position FROM e",
+            WHERE id = $3)"),
         ev
     )
     .bind(reason)
