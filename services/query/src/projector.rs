@@ -3,7 +3,7 @@
 //! (and the dead-lettering) is durable. At-least-once delivery + version guards = exactly-once effect.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
@@ -241,6 +241,7 @@ async fn apply_batch(
     let mut applied: Vec<&Envelope> = Vec::new();
     let mut duplicates = 0u64;
     let mut rounds = 0u32;
+    let mut dups_counted: HashSet<Key> = HashSet::new();
     while !pending.is_empty() {
         rounds += 1;
         let mut gapped: Vec<Key> = Vec::new();
@@ -250,7 +251,14 @@ async fn apply_batch(
             if keys.is_empty() {
                 continue;
             }
-            let ids: Vec<String> = keys.iter().map(|k| k.1.clone()).collect();
+            // An aggregate whose batch starts at version 1 is new unless this is a redelivery: it is inserted
+            // without reading first (most of a bulk load), and if the insert collides with an existing document
+            // the key is planned again below, from the stored state. Everything else is read first.
+            let ids: Vec<String> = keys
+                .iter()
+                .filter(|k| rounds > 1 || !starts_new(&groups, k))
+                .map(|k| k.1.clone())
+                .collect();
             let current = ctx.store.fetch(entity, generation, &ids).await?;
             let mut inserts = Vec::new();
             let mut updates = Vec::new();
@@ -277,7 +285,8 @@ async fn apply_batch(
                         continue;
                     }
                     if v <= version {
-                        if rounds == 1 {
+                        // Counted once per key, when its stored state was first known.
+                        if !dups_counted.contains(key) {
                             duplicates += 1;
                         }
                         continue;
@@ -309,6 +318,9 @@ async fn apply_batch(
                             dead = Some(v);
                         }
                     }
+                }
+                if rounds > 1 || !starts_new(&groups, key) {
+                    dups_counted.insert(key.clone());
                 }
                 if gap {
                     gapped.push(key.clone());
@@ -352,7 +364,7 @@ async fn apply_batch(
         }
         pending = gapped;
         pending.extend(conflicted);
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = HashSet::new();
         pending.retain(|k| seen.insert(k.clone()));
     }
 
@@ -467,4 +479,12 @@ fn reason_class(reason: &str) -> &'static str {
     } else {
         "invalid"
     }
+}
+
+/// Whether the batch's first event for `key` is its creation (version 1), so no stored state is expected.
+fn starts_new(groups: &HashMap<Key, Vec<Item<'_>>>, key: &Key) -> bool {
+    groups
+        .get(key)
+        .and_then(|items| items.first())
+        .is_some_and(|i| i.env.version == 1)
 }
