@@ -14,9 +14,11 @@ pub struct PrivateInfra {
 }
 
 impl PrivateInfra {
+    /// PostgreSQL is durable (fsync and synchronous commit on): these runs quote "acknowledged" figures, and
+    /// the bench's pgbench baseline runs on the same server, so both pay the same commit cost.
     pub async fn start() -> Result<Self, E2eError> {
         let (pg, kafka, mongo) = tokio::join!(
-            cqrs_devstack::Postgres::start_private(),
+            cqrs_devstack::Postgres::start_private_with(true),
             cqrs_devstack::Kafka::start_private(),
             cqrs_devstack::Mongo::start_private()
         );

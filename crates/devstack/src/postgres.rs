@@ -40,10 +40,16 @@ pub(crate) fn base_dir() -> PathBuf {
 impl Postgres {
     /// A new cluster of this test's own on a free port (non-durable), removed on drop.
     pub async fn start_private() -> Result<Self> {
+        Self::start_private_with(false).await
+    }
+
+    /// A new cluster of its own, removed on drop; `durable` keeps fsync and synchronous commit on, as
+    /// benchmarks and anything that quotes "acknowledged = durable" need.
+    pub async fn start_private_with(durable: bool) -> Result<Self> {
         let cfg = PostgresConfig {
             port: proc::free_port()?,
             dir: base_dir().join(format!("private-{}", uuid::Uuid::new_v4().simple())),
-            durable: false,
+            durable,
         };
         let mut pg = Self::start_with(cfg).await?;
         pg.owned = true;
