@@ -15,7 +15,7 @@ use cqrs_e2e::{
     chaos::{self, ChaosOptions, Target},
     hostile,
     infra::PrivateInfra,
-    seed::{self, SeedOptions},
+    seed::{self, SeedOptions, VerifyMode},
 };
 
 #[derive(Debug, Parser)]
@@ -147,6 +147,10 @@ enum Scenario {
         max_items: usize,
         #[arg(long, env = "SEED_RANDOM_SEED", default_value_t = 7)]
         seed: u64,
+        /// How every record is read back: `each` = one GET per record with X-Min-Version; `pages` = every
+        /// list page checked, then a GET with X-Min-Version for each record not on a page at its version.
+        #[arg(long, env = "SEED_VERIFY", value_enum, default_value_t = VerifyMode::Each)]
+        verify: VerifyMode,
         /// Instead of a running gateway: start private PostgreSQL, Kafka, Mongo-wire server and the three
         /// services (production settings) for this run only.
         #[arg(long, env = "SEED_PRIVATE")]
@@ -193,6 +197,7 @@ async fn real_main() -> anyhow::Result<bool> {
                     concurrency,
                     max_items,
                     seed,
+                    verify,
                     out,
                     private,
                     cheap_hash,
@@ -219,6 +224,7 @@ async fn real_main() -> anyhow::Result<bool> {
                     max_items,
                     seed,
                     progress: true,
+                    verify,
                 },
             )
             .await?;

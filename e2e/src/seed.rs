@@ -2,6 +2,7 @@
 //! read-your-writes and compared field by field with what the server must have computed.
 
 use std::{
+    collections::HashMap,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -34,6 +35,8 @@ pub struct SeedOptions {
     pub seed: u64,
     /// Print progress about once a second.
     pub progress: bool,
+    /// How records are read back.
+    pub verify: VerifyMode,
 }
 
 impl Default for SeedOptions {
@@ -46,6 +49,7 @@ impl Default for SeedOptions {
             max_items: 3,
             seed: 7,
             progress: false,
+            verify: VerifyMode::Each,
         }
     }
 }
@@ -83,10 +87,11 @@ pub struct SeedReport {
     pub products: usize,
     pub orders: usize,
     pub concurrency: usize,
+    pub verify: VerifyMode,
     pub phases: Vec<PhaseSummary>,
     pub write_seconds: f64,
     pub total_seconds: f64,
-    /// Records written (acknowledged) and then verified.
+    /// Acknowledged records read back and compared (mismatches counted separately).
     pub verified: u64,
     pub mismatches: u64,
     /// The first few mismatches, for the log.
@@ -104,8 +109,8 @@ impl SeedReport {
 
     pub fn print(&self) {
         println!(
-            "seed {}: {} users, {} products, {} orders, concurrency {}",
-            self.run_id, self.users, self.products, self.orders, self.concurrency
+            "seed {}: {} users, {} products, {} orders, concurrency {}, verify {:?}",
+            self.run_id, self.users, self.products, self.orders, self.concurrency, self.verify
         );
         for p in &self.phases {
             println!("  {}", p.line());
@@ -412,220 +417,41 @@ pub async fn run(gw: &Gateway, o: &SeedOptions) -> Result<SeedReport, E2eError> 
     let write_seconds = t0.elapsed().as_secs_f64();
 
     // Read back every record.
-    let (_, s) = run_phase(
-        "verify users",
-        users.len(),
-        o.concurrency,
-        o.progress,
-        |i, rec| {
-            let gw = gw.clone();
-            let u = users[i].clone();
-            let mm = mm.clone();
-            async move {
-                match read_back(&gw, &rec, &format!("/user/{}", u.id), u.version).await {
-                    Ok(b) => {
-                        let w = format!("user {}", u.id);
-                        check(&mm, &rec, &format!("{w} id"), &b["id"], &json!(u.id));
-                        check(
-                            &mm,
-                            &rec,
-                            &format!("{w} email"),
-                            &b["email"],
-                            &json!(u.email),
-                        );
-                        check(&mm, &rec, &format!("{w} name"), &b["name"], &json!(u.name));
-                        check(
-                            &mm,
-                            &rec,
-                            &format!("{w} version"),
-                            &b["version"],
-                            &json!(u.version),
-                        );
-                        if b.get("password").is_some() || b.get("passwordHash").is_some() {
-                            mm.add(&rec, format!("{w}: password material in the read model"));
-                        }
-                    }
-                    Err(e) => mm.add(&rec, e),
-                }
-                Some(())
-            }
-        },
-    )
-    .await;
-    phases.push(s);
-    let (_, s) = run_phase(
-        "verify products",
-        products.len(),
-        o.concurrency,
-        o.progress,
-        |i, rec| {
-            let gw = gw.clone();
-            let p = products[i].clone();
-            let mm = mm.clone();
-            async move {
-                match read_back(&gw, &rec, &format!("/product/{}", p.id), p.version).await {
-                    Ok(b) => {
-                        let w = format!("product {}", p.id);
-                        check(&mm, &rec, &format!("{w} name"), &b["name"], &json!(p.name));
-                        check(
-                            &mm,
-                            &rec,
-                            &format!("{w} priceCents"),
-                            &b["priceCents"],
-                            &json!(p.price_cents),
-                        );
-                        check(
-                            &mm,
-                            &rec,
-                            &format!("{w} price"),
-                            &b["price"],
-                            &json!(format_cents(p.price_cents)),
-                        );
-                        check(
-                            &mm,
-                            &rec,
-                            &format!("{w} description"),
-                            &b["description"],
-                            &json!(p.description),
-                        );
-                        check(
-                            &mm,
-                            &rec,
-                            &format!("{w} version"),
-                            &b["version"],
-                            &json!(p.version),
-                        );
-                    }
-                    Err(e) => mm.add(&rec, e),
-                }
-                Some(())
-            }
-        },
-    )
-    .await;
-    phases.push(s);
-    let (_, s) = run_phase(
-        "verify orders",
-        orders.len(),
-        o.concurrency,
-        o.progress,
-        |i, rec| {
-            let gw = gw.clone();
-            let ord = orders[i].clone();
-            let user = users[ord.user].clone();
-            let lines: Vec<(ProductRec, u32)> = ord
-                .items
-                .iter()
-                .map(|(p, q)| (products[*p].clone(), *q))
-                .collect();
-            let mm = mm.clone();
-            async move {
-                match read_back(&gw, &rec, &format!("/order/{}", ord.id), ord.version).await {
-                    Ok(b) => {
-                        let w = format!("order {}", ord.id);
-                        check(
-                            &mm,
-                            &rec,
-                            &format!("{w} user.id"),
-                            &b["user"]["id"],
-                            &json!(user.id),
-                        );
-                        check(
-                            &mm,
-                            &rec,
-                            &format!("{w} user.email"),
-                            &b["user"]["email"],
-                            &json!(user.email),
-                        );
-                        check(
-                            &mm,
-                            &rec,
-                            &format!("{w} user.name"),
-                            &b["user"]["name"],
-                            &json!(user.name),
-                        );
-                        let items = b["items"].as_array().cloned().unwrap_or_default();
-                        if items.len() != lines.len() {
-                            mm.add(
-                                &rec,
-                                format!("{w}: {} items, want {}", items.len(), lines.len()),
-                            );
-                        } else {
-                            for (k, (it, (p, q))) in items.iter().zip(&lines).enumerate() {
-                                let line = p.price_cents * i64::from(*q);
-                                check(
-                                    &mm,
-                                    &rec,
-                                    &format!("{w} items[{k}].productId"),
-                                    &it["productId"],
-                                    &json!(p.id),
-                                );
-                                check(
-                                    &mm,
-                                    &rec,
-                                    &format!("{w} items[{k}].productName"),
-                                    &it["productName"],
-                                    &json!(p.name),
-                                );
-                                check(
-                                    &mm,
-                                    &rec,
-                                    &format!("{w} items[{k}].unitPriceCents"),
-                                    &it["unitPriceCents"],
-                                    &json!(p.price_cents),
-                                );
-                                check(
-                                    &mm,
-                                    &rec,
-                                    &format!("{w} items[{k}].quantity"),
-                                    &it["quantity"],
-                                    &json!(q),
-                                );
-                                check(
-                                    &mm,
-                                    &rec,
-                                    &format!("{w} items[{k}].lineTotalCents"),
-                                    &it["lineTotalCents"],
-                                    &json!(line),
-                                );
-                            }
-                        }
-                        let total: i64 = lines
-                            .iter()
-                            .map(|(p, q)| p.price_cents * i64::from(*q))
-                            .sum();
-                        check(
-                            &mm,
-                            &rec,
-                            &format!("{w} totalCents"),
-                            &b["totalCents"],
-                            &json!(total),
-                        );
-                        check(
-                            &mm,
-                            &rec,
-                            &format!("{w} total"),
-                            &b["total"],
-                            &json!(format_cents(total)),
-                        );
-                        check(
-                            &mm,
-                            &rec,
-                            &format!("{w} version"),
-                            &b["version"],
-                            &json!(ord.version),
-                        );
-                    }
-                    Err(e) => mm.add(&rec, e),
-                }
-                Some(())
-            }
-        },
-    )
-    .await;
-    phases.push(s);
+    let ctx = VerifyCtx {
+        gw,
+        mm: &mm,
+        concurrency: o.concurrency,
+        progress: o.progress,
+        mode: o.verify,
+    };
+    let check_u = |rec: &Recorder, u: &UserRec, b: &Value| check_user(&mm, rec, u, b);
+    let check_p = |rec: &Recorder, p: &ProductRec, b: &Value| check_product(&mm, rec, p, b);
+    let check_o = |rec: &Recorder, ord: &OrderRec, b: &Value| {
+        check_order(&mm, rec, ord, &users, &products, b)
+    };
+    match o.verify {
+        VerifyMode::Each => {
+            phases.push(verify(&ctx, "verify users", "/user", &users, check_u).await);
+            phases.push(verify(&ctx, "verify products", "/product", &products, check_p).await);
+            phases.push(verify(&ctx, "verify orders", "/order", &orders, check_o).await);
+        }
+        VerifyMode::Pages => {
+            // The three lists are paged side by side: each is one cursor chain.
+            let (u, p, od) = tokio::join!(
+                verify(&ctx, "verify users", "/user", &users, check_u),
+                verify(&ctx, "verify products", "/product", &products, check_p),
+                verify(&ctx, "verify orders", "/order", &orders, check_o),
+            );
+            phases.extend([u, p, od]);
+        }
+    }
 
-    let verified = (users.len() + products.len() + orders.len()) as u64;
+    // Records actually read back (a page counts the records checked on it, not itself).
+    let verified = phases
+        .iter()
+        .filter(|p| p.phase.starts_with("verify"))
+        .map(|p| p.ok)
+        .sum();
     let examples = mm.examples.lock().map(|e| e.clone()).unwrap_or_default();
     Ok(SeedReport {
         run_id,
@@ -633,6 +459,7 @@ pub async fn run(gw: &Gateway, o: &SeedOptions) -> Result<SeedReport, E2eError> 
         products: o.products,
         orders: o.orders,
         concurrency: o.concurrency,
+        verify: o.verify,
         phases,
         write_seconds,
         total_seconds: t0.elapsed().as_secs_f64(),
@@ -640,6 +467,340 @@ pub async fn run(gw: &Gateway, o: &SeedOptions) -> Result<SeedReport, E2eError> 
         mismatches: mm.count.load(Ordering::Relaxed),
         mismatch_examples: examples,
     })
+}
+
+/// How the scenario reads its records back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyMode {
+    /// One `GET /<entity>/<id>` per record with `X-Min-Version` (read-your-writes per record).
+    #[default]
+    Each,
+    /// Every list page (`GET /<entity>?limit=500`, cursor after cursor) with each record found checked; every
+    /// record not (yet) on a page at its acknowledged version is then read with `GET /<entity>/<id>` and
+    /// `X-Min-Version`, so read-your-writes still holds for each one. Latencies are per page.
+    Pages,
+}
+
+/// A record the scenario wrote and can find again.
+trait Written: Clone + Send + Sync {
+    fn id(&self) -> &str;
+    fn version(&self) -> u64;
+}
+
+impl Written for UserRec {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn version(&self) -> u64 {
+        self.version
+    }
+}
+
+impl Written for ProductRec {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn version(&self) -> u64 {
+        self.version
+    }
+}
+
+impl Written for OrderRec {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn version(&self) -> u64 {
+        self.version
+    }
+}
+
+struct VerifyCtx<'a> {
+    gw: &'a Gateway,
+    mm: &'a Mismatches,
+    concurrency: usize,
+    progress: bool,
+    mode: VerifyMode,
+}
+
+/// Reads every record of `records` back from `path` (`/user`, …) in the context's mode and checks it.
+async fn verify<R, C>(
+    cx: &VerifyCtx<'_>,
+    name: &str,
+    path: &str,
+    records: &[R],
+    check: C,
+) -> PhaseSummary
+where
+    R: Written,
+    C: Fn(&Recorder, &R, &Value),
+{
+    let rec = Arc::new(Recorder::new(name));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let prog = cx.progress.then(|| {
+        let r = rec.clone();
+        tokio::spawn(progress(
+            name.to_owned(),
+            records.len() as u64,
+            move || r.done(),
+            stop_rx,
+        ))
+    });
+    let mut pending: Vec<&R> = records.iter().collect();
+    if cx.mode == VerifyMode::Pages {
+        match verify_pages(cx, &rec, path, records, &check).await {
+            Ok(seen) => {
+                pending = records
+                    .iter()
+                    .zip(&seen)
+                    .filter(|(_, s)| !**s)
+                    .map(|(r, _)| r)
+                    .collect();
+            }
+            Err(e) => cx.mm.add(&rec, format!("{path} list: {e}")),
+        }
+    }
+    // Each remaining record on its own, waiting for its acknowledged version.
+    futures::stream::iter(pending)
+        .map(|r| {
+            let rec = rec.clone();
+            let check = &check;
+            async move {
+                let p = format!("{path}/{}", r.id());
+                match read_back(cx.gw, &rec, &p, r.version()).await {
+                    Ok(b) => check(&rec, r, &b),
+                    Err(e) => cx.mm.add(&rec, e),
+                }
+            }
+        })
+        .buffer_unordered(cx.concurrency.max(1))
+        .collect::<Vec<()>>()
+        .await;
+    rec.finish();
+    let _ = stop_tx.send(true);
+    if let Some(p) = prog {
+        let _ = p.await;
+    }
+    rec.summary()
+}
+
+/// Pages through `path` once; checks each of `records` found at its acknowledged version and says which were.
+async fn verify_pages<R, C>(
+    cx: &VerifyCtx<'_>,
+    rec: &Recorder,
+    path: &str,
+    records: &[R],
+    check: &C,
+) -> Result<Vec<bool>, String>
+where
+    R: Written,
+    C: Fn(&Recorder, &R, &Value),
+{
+    let index: HashMap<&str, usize> = records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.id(), i))
+        .collect();
+    let mut seen = vec![false; records.len()];
+    let mut cursor: Option<String> = None;
+    loop {
+        let url = match &cursor {
+            Some(c) => format!("{path}?limit=500&cursor={c}"),
+            None => format!("{path}?limit=500"),
+        };
+        let r = cx.gw.get(&url, None).await;
+        let r = match r {
+            Ok(r) if r.ok() => r,
+            other => {
+                rec.error(&status_kind(&other), other.as_ref().ok().map(|r| r.latency));
+                return Err(
+                    other.map_or_else(|e| e.to_string(), |r| format!("{} {}", r.status, r.text))
+                );
+            }
+        };
+        let mut found = 0u64;
+        for item in r.body["items"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            let Some(&i) = item["id"].as_str().and_then(|id| index.get(id)) else {
+                continue; // another run's record
+            };
+            // An older version than acknowledged is not a verdict yet: the per-record read below waits for it.
+            if item["version"].as_u64() == Some(records[i].version()) && !seen[i] {
+                check(rec, &records[i], item);
+                seen[i] = true;
+                found += 1;
+            }
+        }
+        rec.ok_many(found, r.latency);
+        match r.body["nextCursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => return Ok(seen),
+        }
+    }
+}
+
+fn check_user(mm: &Mismatches, rec: &Recorder, u: &UserRec, b: &Value) {
+    let w = format!("user {}", u.id);
+    check(mm, rec, &format!("{w} id"), &b["id"], &json!(u.id));
+    check(mm, rec, &format!("{w} email"), &b["email"], &json!(u.email));
+    check(mm, rec, &format!("{w} name"), &b["name"], &json!(u.name));
+    check(
+        mm,
+        rec,
+        &format!("{w} version"),
+        &b["version"],
+        &json!(u.version),
+    );
+    if b.get("password").is_some() || b.get("passwordHash").is_some() {
+        mm.add(rec, format!("{w}: password material in the read model"));
+    }
+}
+
+fn check_product(mm: &Mismatches, rec: &Recorder, p: &ProductRec, b: &Value) {
+    let w = format!("product {}", p.id);
+    check(mm, rec, &format!("{w} id"), &b["id"], &json!(p.id));
+    check(mm, rec, &format!("{w} name"), &b["name"], &json!(p.name));
+    check(
+        mm,
+        rec,
+        &format!("{w} priceCents"),
+        &b["priceCents"],
+        &json!(p.price_cents),
+    );
+    check(
+        mm,
+        rec,
+        &format!("{w} price"),
+        &b["price"],
+        &json!(format_cents(p.price_cents)),
+    );
+    check(
+        mm,
+        rec,
+        &format!("{w} description"),
+        &b["description"],
+        &json!(p.description),
+    );
+    check(
+        mm,
+        rec,
+        &format!("{w} version"),
+        &b["version"],
+        &json!(p.version),
+    );
+}
+
+fn check_order(
+    mm: &Mismatches,
+    rec: &Recorder,
+    ord: &OrderRec,
+    users: &[UserRec],
+    products: &[ProductRec],
+    b: &Value,
+) {
+    let w = format!("order {}", ord.id);
+    check(mm, rec, &format!("{w} id"), &b["id"], &json!(ord.id));
+    let Some(user) = users.get(ord.user) else {
+        mm.add(rec, format!("{w}: unknown user index {}", ord.user));
+        return;
+    };
+    check(
+        mm,
+        rec,
+        &format!("{w} user.id"),
+        &b["user"]["id"],
+        &json!(user.id),
+    );
+    check(
+        mm,
+        rec,
+        &format!("{w} user.email"),
+        &b["user"]["email"],
+        &json!(user.email),
+    );
+    check(
+        mm,
+        rec,
+        &format!("{w} user.name"),
+        &b["user"]["name"],
+        &json!(user.name),
+    );
+    let items = b["items"].as_array().map(Vec::as_slice).unwrap_or_default();
+    if items.len() != ord.items.len() {
+        mm.add(
+            rec,
+            format!("{w}: {} items, want {}", items.len(), ord.items.len()),
+        );
+        return;
+    }
+    let mut total = 0i64;
+    for (k, (it, (pi, q))) in items.iter().zip(&ord.items).enumerate() {
+        let Some(p) = products.get(*pi) else {
+            mm.add(rec, format!("{w}: unknown product index {pi}"));
+            return;
+        };
+        let line = p.price_cents * i64::from(*q);
+        total += line;
+        check(
+            mm,
+            rec,
+            &format!("{w} items[{k}].productId"),
+            &it["productId"],
+            &json!(p.id),
+        );
+        check(
+            mm,
+            rec,
+            &format!("{w} items[{k}].productName"),
+            &it["productName"],
+            &json!(p.name),
+        );
+        check(
+            mm,
+            rec,
+            &format!("{w} items[{k}].unitPriceCents"),
+            &it["unitPriceCents"],
+            &json!(p.price_cents),
+        );
+        check(
+            mm,
+            rec,
+            &format!("{w} items[{k}].quantity"),
+            &it["quantity"],
+            &json!(q),
+        );
+        check(
+            mm,
+            rec,
+            &format!("{w} items[{k}].lineTotalCents"),
+            &it["lineTotalCents"],
+            &json!(line),
+        );
+    }
+    check(
+        mm,
+        rec,
+        &format!("{w} totalCents"),
+        &b["totalCents"],
+        &json!(total),
+    );
+    check(
+        mm,
+        rec,
+        &format!("{w} total"),
+        &b["total"],
+        &json!(format_cents(total)),
+    );
+    check(
+        mm,
+        rec,
+        &format!("{w} version"),
+        &b["version"],
+        &json!(ord.version),
+    );
 }
 
 /// Waits up to `timeout` for `/sync-status` to say `caughtUp` (after a run, before counting).

@@ -66,6 +66,14 @@ impl Recorder {
         });
     }
 
+    /// `n` records settled by one request of this `latency` (a list page).
+    pub fn ok_many(&self, n: u64, latency: Duration) {
+        self.with(|i| {
+            i.ok += n;
+            i.latencies_us.push(latency.as_micros() as u64);
+        });
+    }
+
     pub fn error(&self, kind: &str, latency: Option<Duration>) {
         self.with(|i| {
             *i.errors.entry(kind.to_owned()).or_default() += 1;
