@@ -155,6 +155,9 @@ async fn run_batch(
     metrics: &Metrics,
     committed: &Notify,
 ) {
+    // Whether this batch's product creations go through one statement. Turned off (for this batch) when that
+    // statement fails, so a bad command is found and answered on its own by the one-by-one path.
+    let mut bulk = true;
     loop {
         if jobs.is_empty() {
             return;
@@ -180,12 +183,27 @@ async fn run_batch(
                 return;
             }
         };
-        let mut results: Vec<Result<Reply, CommandError>> = Vec::with_capacity(jobs.len());
+        let mut results: Vec<Option<Result<Reply, CommandError>>> =
+            jobs.iter().map(|_| None).collect();
+        if bulk {
+            match create_products_at_once(&mut tx, &jobs, &mut results).await {
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::debug!(error = ?e, "batched product creation failed; one by one");
+                    let _ = tx.rollback().await;
+                    bulk = false;
+                    continue;
+                }
+            }
+        }
         let mut failure: Option<(usize, sqlx::Error)> = None;
         for (i, job) in jobs.iter().enumerate() {
+            if results[i].is_some() {
+                continue;
+            }
             match execute_job(&mut tx, job, s).await {
-                Ok(r) => results.push(Ok(r)),
-                Err(ExecError::Rejected(e)) => results.push(Err(e)),
+                Ok(r) => results[i] = Some(Ok(r)),
+                Err(ExecError::Rejected(e)) => results[i] = Some(Err(e)),
                 Err(ExecError::Db(e)) => {
                     failure = Some((i, e));
                     break;
@@ -203,7 +221,9 @@ async fn run_batch(
                             .observe(started.elapsed().as_secs_f64());
                         committed.notify_one();
                         for (j, r) in jobs.into_iter().zip(results) {
-                            let _ = j.reply.send(r);
+                            let _ = j.reply.send(r.unwrap_or_else(|| {
+                                Err(CommandError::Internal("the command was not run".into()))
+                            }));
                         }
                     }
                     Err(e) => {
@@ -238,6 +258,46 @@ async fn run_batch(
             }
         }
     }
+}
+
+/// Writes every plain product creation of `jobs` (no Idempotency-Key: those need their own claim row) with
+/// one statement, filling their `results`. Fewer than two leave everything to the one-by-one path.
+async fn create_products_at_once(
+    conn: &mut sqlx::PgConnection,
+    jobs: &[Job],
+    results: &mut [Option<Result<Reply, CommandError>>],
+) -> Result<(), ExecError> {
+    let mut at = Vec::new();
+    let mut items = Vec::new();
+    for (i, j) in jobs.iter().enumerate() {
+        if let (
+            Command::CreateProduct {
+                id,
+                name,
+                price,
+                description,
+            },
+            None,
+        ) = (&j.cmd, &j.idem)
+        {
+            at.push(i);
+            items.push(commands::NewProduct {
+                id: *id,
+                name,
+                price: *price,
+                description: description.as_deref(),
+                meta: &j.meta,
+            });
+        }
+    }
+    if items.len() < 2 {
+        return Ok(());
+    }
+    let outcomes = commands::create_products(conn, &items).await?;
+    for (i, o) in at.into_iter().zip(outcomes) {
+        results[i] = Some(Ok(Reply::Done(o)));
+    }
+    Ok(())
 }
 
 async fn execute_job(

@@ -727,6 +727,24 @@ async fn group_commit_fails_only_the_bad_command() {
         .await
         .unwrap();
     assert_eq!((users, events), (180, 180));
+    // Product creations of a batch share one statement: each product still has exactly its own event, with
+    // its own data, and every event its own position.
+    let matched: i64 = sqlx::query_scalar(
+        "select count(*) from products p join events e on e.aggregate_id = p.id
+         where e.type = 'PRODUCT-CREATED' and e.version = 1 and e.aggregate_type = 'product'
+           and e.data->>'name' = p.name and (e.data->>'priceCents')::bigint = p.price_cents
+           and p.version = 1 and e.occurred_at = p.created_at",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let (product_events, positions): (i64, i64) = sqlx::query_as(
+        "select count(*), count(distinct position) from events where type = 'PRODUCT-CREATED'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((matched, product_events, positions), (200, 200, 200));
     app.wait_drained(Duration::from_secs(30)).await;
     app.shutdown().await;
 }
