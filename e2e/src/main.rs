@@ -121,9 +121,14 @@ enum Cmd {
         read_ratios: Vec<u32>,
         #[arg(long, env = "BENCH_CONCURRENCY", default_value_t = 64)]
         concurrency: usize,
-        /// pgbench clients.
-        #[arg(long, env = "BENCH_PGBENCH_CLIENTS", default_value_t = 8)]
-        pgbench_clients: u32,
+        /// pgbench client counts; each is run and the best rate is the baseline.
+        #[arg(
+            long,
+            env = "BENCH_PGBENCH_CLIENTS",
+            value_delimiter = ',',
+            default_value = "8,32,128"
+        )]
+        pgbench_clients: Vec<u32>,
         #[arg(long, env = "CQRS_E2E_OUT", default_value = "e2e/out")]
         out: PathBuf,
     },

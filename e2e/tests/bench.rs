@@ -14,7 +14,7 @@ async fn bench_smoke_produces_ratios_and_a_chart() {
         read_ratios: vec![1],
         step_secs: 2,
         max_concurrency: 8,
-        pgbench_clients: 2,
+        pgbench_clients: vec![2],
         baseline_secs: 2,
         mongo_docs: 1_000,
         kafka_msgs: 2_000,
