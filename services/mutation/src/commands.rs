@@ -438,6 +438,95 @@ async fn create_user(
     })
 }
 
+/// A user creation as [`create_users`] takes it.
+pub struct NewUser<'a> {
+    pub id: Uuid,
+    pub email: &'a Email,
+    pub password_hash: &'a str,
+    pub name: Option<&'a str>,
+    pub meta: &'a Meta,
+}
+
+/// Many user creations in ONE statement, like [`create_products`]. An email that is already registered (or
+/// taken by an earlier user of the same batch: rows are inserted in the order given) inserts nothing and
+/// appends nothing; its entry is `Err(DuplicateEmail)`, exactly as if the commands had run one by one.
+pub async fn create_users(
+    conn: &mut PgConnection,
+    items: &[NewUser<'_>],
+) -> Exec<Vec<Result<Outcome, CommandError>>> {
+    let evs: Vec<EventRow> = items
+        .iter()
+        .map(|u| {
+            EventRow::new(
+                u.id,
+                1,
+                EventPayload::UserCreated(UserCreated {
+                    email: u.email.as_str().to_owned(),
+                    name: u.name.map(str::to_owned),
+                }),
+                u.meta,
+            )
+        })
+        .collect();
+    let Some(first) = evs.first() else {
+        return Ok(Vec::new());
+    };
+    let created: Vec<Uuid> = sqlx::query_scalar(
+        "WITH t AS (
+            SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::uuid[],
+                                 $10::jsonb[], $11::jsonb[])
+                   WITH ORDINALITY AS t(id, email, hash, name, at, event_id, data, metadata, n)),
+         u AS (
+            INSERT INTO users (id, email, password_hash, name, version, created_at, updated_at)
+            SELECT t.id, t.email, t.hash, t.name, 1, t.at, t.at FROM t ORDER BY t.n
+            ON CONFLICT ((lower(email))) DO NOTHING
+            RETURNING id),
+         e AS (
+            INSERT INTO events (event_id, aggregate_type, aggregate_id, version, type, schema_version, data, metadata, occurred_at)
+            SELECT t.event_id, $7, t.id, 1, $8, $9, t.data, t.metadata, t.at FROM t JOIN u ON u.id = t.id
+            ORDER BY t.n
+            RETURNING position),
+         o AS (INSERT INTO outbox (position) SELECT position FROM e)
+         SELECT id FROM u",
+    )
+    .bind(items.iter().map(|u| u.id).collect::<Vec<_>>())
+    .bind(items.iter().map(|u| u.email.as_str()).collect::<Vec<_>>())
+    .bind(items.iter().map(|u| u.password_hash).collect::<Vec<_>>())
+    .bind(items.iter().map(|u| u.name).collect::<Vec<_>>())
+    .bind(evs.iter().map(|e| e.occurred_at).collect::<Vec<_>>())
+    .bind(evs.iter().map(|e| e.id).collect::<Vec<_>>())
+    .bind(first.aggregate_type)
+    .bind(first.event_type)
+    .bind(first.schema_version)
+    .bind(evs.iter().map(|e| &e.data).collect::<Vec<_>>())
+    .bind(evs.iter().map(|e| &e.metadata).collect::<Vec<_>>())
+    .fetch_all(&mut *conn)
+    .await?;
+    let created: std::collections::HashSet<Uuid> = created.into_iter().collect();
+    Ok(items
+        .iter()
+        .zip(&evs)
+        .map(|(u, ev)| {
+            if !created.contains(&u.id) {
+                return Err(CommandError::DuplicateEmail);
+            }
+            Ok(Outcome {
+                status: StatusCode::CREATED,
+                body: user_json(
+                    u.id,
+                    u.email.as_str(),
+                    u.name,
+                    1,
+                    ev.occurred_at,
+                    ev.occurred_at,
+                    None,
+                ),
+                version: 1,
+            })
+        })
+        .collect())
+}
+
 struct UserRow {
     email: String,
     name: Option<String>,

@@ -155,7 +155,7 @@ async fn run_batch(
     metrics: &Metrics,
     committed: &Notify,
 ) {
-    // Whether this batch's product creations go through one statement. Turned off (for this batch) when that
+    // Whether this batch's creations go through one statement per kind. Turned off (for this batch) when that
     // statement fails, so a bad command is found and answered on its own by the one-by-one path.
     let mut bulk = true;
     loop {
@@ -186,10 +186,10 @@ async fn run_batch(
         let mut results: Vec<Option<Result<Reply, CommandError>>> =
             jobs.iter().map(|_| None).collect();
         if bulk {
-            match create_products_at_once(&mut tx, &jobs, &mut results).await {
+            match create_at_once(&mut tx, &jobs, &mut results, metrics).await {
                 Ok(()) => {}
                 Err(e) => {
-                    tracing::debug!(error = ?e, "batched product creation failed; one by one");
+                    tracing::debug!(error = ?e, "batched creation failed; one by one");
                     let _ = tx.rollback().await;
                     bulk = false;
                     continue;
@@ -261,11 +261,13 @@ async fn run_batch(
 }
 
 /// Writes every plain product creation of `jobs` (no Idempotency-Key: those need their own claim row) with
-/// one statement, filling their `results`. Fewer than two leave everything to the one-by-one path.
-async fn create_products_at_once(
+/// one statement, and every plain user creation with another, filling their `results`. Fewer than two of a
+/// kind are left to the one-by-one path.
+async fn create_at_once(
     conn: &mut sqlx::PgConnection,
     jobs: &[Job],
     results: &mut [Option<Result<Reply, CommandError>>],
+    metrics: &Metrics,
 ) -> Result<(), ExecError> {
     let mut at = Vec::new();
     let mut items = Vec::new();
@@ -290,12 +292,48 @@ async fn create_products_at_once(
             });
         }
     }
-    if items.len() < 2 {
-        return Ok(());
+    if items.len() >= 2 {
+        let outcomes = commands::create_products(conn, &items).await?;
+        metrics
+            .bulk_created
+            .with_label_values(&["product"])
+            .inc_by(items.len() as u64);
+        for (i, o) in at.into_iter().zip(outcomes) {
+            results[i] = Some(Ok(Reply::Done(o)));
+        }
     }
-    let outcomes = commands::create_products(conn, &items).await?;
-    for (i, o) in at.into_iter().zip(outcomes) {
-        results[i] = Some(Ok(Reply::Done(o)));
+    let mut at = Vec::new();
+    let mut users = Vec::new();
+    for (i, j) in jobs.iter().enumerate() {
+        if let (
+            Command::CreateUser {
+                id,
+                email,
+                password_hash,
+                name,
+            },
+            None,
+        ) = (&j.cmd, &j.idem)
+        {
+            at.push(i);
+            users.push(commands::NewUser {
+                id: *id,
+                email,
+                password_hash,
+                name: name.as_deref(),
+                meta: &j.meta,
+            });
+        }
+    }
+    if users.len() >= 2 {
+        let outcomes = commands::create_users(conn, &users).await?;
+        metrics
+            .bulk_created
+            .with_label_values(&["user"])
+            .inc_by(outcomes.iter().filter(|o| o.is_ok()).count() as u64);
+        for (i, o) in at.into_iter().zip(outcomes) {
+            results[i] = Some(o.map(Reply::Done));
+        }
     }
     Ok(())
 }

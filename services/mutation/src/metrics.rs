@@ -12,6 +12,9 @@ pub struct Metrics {
     pub command_seconds: HistogramVec,
     pub batch_size: Histogram,
     pub batch_seconds: Histogram,
+    /// Creations written by a statement shared with the rest of their batch, by entity: shows whether the
+    /// batched path carries the load.
+    pub bulk_created: IntCounterVec,
     pub password_hash_seconds: Histogram,
     pub outbox_backlog: IntGauge,
     pub outbox_oldest_age_seconds: Gauge,
@@ -58,6 +61,13 @@ impl Metrics {
             )
             .buckets(buckets_seconds()),
         )?;
+        let bulk_created = IntCounterVec::new(
+            Opts::new(
+                "cqrs_mutation_bulk_created_total",
+                "Creations written by one statement shared with their batch",
+            ),
+            &["entity"],
+        )?;
         let password_hash_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "cqrs_mutation_password_hash_seconds",
@@ -94,6 +104,7 @@ impl Metrics {
         registry.register(Box::new(command_seconds.clone()))?;
         registry.register(Box::new(batch_size.clone()))?;
         registry.register(Box::new(batch_seconds.clone()))?;
+        registry.register(Box::new(bulk_created.clone()))?;
         registry.register(Box::new(password_hash_seconds.clone()))?;
         registry.register(Box::new(outbox_backlog.clone()))?;
         registry.register(Box::new(outbox_oldest_age_seconds.clone()))?;
@@ -106,6 +117,7 @@ impl Metrics {
             command_seconds,
             batch_size,
             batch_seconds,
+            bulk_created,
             password_hash_seconds,
             outbox_backlog,
             outbox_oldest_age_seconds,

@@ -716,6 +716,17 @@ async fn group_commit_fails_only_the_bad_command() {
         .unwrap();
     let batches: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(batches < 400.0, "{batches} transactions for 400 commands");
+    // And the shared-statement path carried creations of both kinds.
+    for entity in ["user", "product"] {
+        let prefix = format!("cqrs_mutation_bulk_created_total{{entity=\"{entity}\"}} ");
+        let n: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .unwrap_or_else(|| panic!("no {prefix} in /metrics"))
+            .parse()
+            .unwrap();
+        assert!(n > 0.0, "{entity}: {n}");
+    }
     // State, events and outbox agree: one event per created user.
     let pool = sqlx::PgPool::connect(&env.pg_url).await.unwrap();
     let users: i64 = sqlx::query_scalar("select count(*) from users")
@@ -727,6 +738,15 @@ async fn group_commit_fails_only_the_bad_command() {
         .await
         .unwrap();
     assert_eq!((users, events), (180, 180));
+    let matched_users: i64 = sqlx::query_scalar(
+        "select count(*) from users u join events e on e.aggregate_id = u.id
+         where e.type = 'USER-CREATED' and e.version = 1 and e.data->>'email' = u.email
+           and e.occurred_at = u.created_at",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(matched_users, 180);
     // Product creations of a batch share one statement: each product still has exactly its own event, with
     // its own data, and every event its own position.
     let matched: i64 = sqlx::query_scalar(
