@@ -3,6 +3,8 @@
 //! by reading rows, not by raising errors, so one refused command never aborts the shared transaction of a
 //! group commit.
 
+use std::collections::HashMap;
+
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use cqrs_common::{FieldError, Problem};
@@ -938,24 +940,72 @@ fn order_json(
     v
 }
 
-async fn create_order(
+/// Users and products an order refers to, as read (FOR SHARE) in the order's transaction.
+#[derive(Default)]
+struct OrderRefs {
+    users: HashMap<Uuid, (String, Option<String>)>,
+    products: HashMap<Uuid, (String, i64)>,
+}
+
+/// Reads the live users and products among `user_ids`/`product_ids`, locking them FOR SHARE: a user or product
+/// cannot be deleted or repriced while an order that read it is being written. Sorted ids keep the lock order
+/// the same in every transaction.
+async fn order_refs(
     conn: &mut PgConnection,
+    mut user_ids: Vec<Uuid>,
+    mut product_ids: Vec<Uuid>,
+) -> Exec<OrderRefs> {
+    user_ids.sort();
+    user_ids.dedup();
+    product_ids.sort();
+    product_ids.dedup();
+    let mut refs = OrderRefs::default();
+    for r in sqlx::query(
+        "SELECT id, email, name FROM users WHERE id = ANY($1) AND deleted_at IS NULL ORDER BY id FOR SHARE",
+    )
+    .bind(&user_ids)
+    .fetch_all(&mut *conn)
+    .await?
+    {
+        refs.users
+            .insert(r.try_get("id")?, (r.try_get("email")?, r.try_get("name")?));
+    }
+    for r in sqlx::query(
+        "SELECT id, name, price_cents FROM products WHERE id = ANY($1) AND deleted_at IS NULL ORDER BY id FOR SHARE",
+    )
+    .bind(&product_ids)
+    .fetch_all(&mut *conn)
+    .await?
+    {
+        refs.products
+            .insert(r.try_get("id")?, (r.try_get("name")?, r.try_get("price_cents")?));
+    }
+    Ok(refs)
+}
+
+/// An order priced and checked against what it refers to, ready to be written.
+struct PlannedOrder {
+    id: Uuid,
+    user: OrderUser,
+    lines: Vec<OrderItem>,
+    total: i64,
+    ev: EventRow,
+}
+
+/// Prices `items` and checks the user and every product exist; refusals name each bad field.
+fn plan_order(
+    refs: &OrderRefs,
     id: Uuid,
     user_id: Uuid,
     items: &[(Uuid, u32)],
     meta: &Meta,
-) -> Exec<Outcome> {
-    let user =
-        sqlx::query("SELECT email, name FROM users WHERE id = $1 AND deleted_at IS NULL FOR SHARE")
-            .bind(user_id)
-            .fetch_optional(&mut *conn)
-            .await?;
+) -> Result<PlannedOrder, CommandError> {
     let mut errors = Vec::new();
-    let user = match user {
-        Some(r) => Some(OrderUser {
+    let user = match refs.users.get(&user_id) {
+        Some((email, name)) => Some(OrderUser {
             id: user_id,
-            email: r.try_get("email")?,
-            name: r.try_get("name")?,
+            email: email.clone(),
+            name: name.clone(),
         }),
         None => {
             errors.push(FieldError {
@@ -965,27 +1015,10 @@ async fn create_order(
             None
         }
     };
-    let mut ids: Vec<Uuid> = items.iter().map(|(p, _)| *p).collect();
-    ids.sort();
-    ids.dedup();
-    // FOR SHARE: a product cannot be deleted or repriced while an order that read it is being written.
-    let rows = sqlx::query(
-        "SELECT id, name, price_cents FROM products WHERE id = ANY($1) AND deleted_at IS NULL ORDER BY id FOR SHARE",
-    )
-    .bind(&ids)
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut products = std::collections::HashMap::new();
-    for r in rows {
-        let pid: Uuid = r.try_get("id")?;
-        let name: String = r.try_get("name")?;
-        let price: i64 = r.try_get("price_cents")?;
-        products.insert(pid, (name, price));
-    }
     let mut lines = Vec::with_capacity(items.len());
     let mut total: Option<i64> = Some(0);
     for (i, (pid, qty)) in items.iter().enumerate() {
-        match products.get(pid) {
+        match refs.products.get(pid) {
             None => errors.push(FieldError {
                 field: format!("items[{i}].productId"),
                 message: "no such product".into(),
@@ -1003,12 +1036,9 @@ async fn create_order(
             }
         }
     }
-    let Some(user) = user else {
-        return Err(CommandError::Invalid(errors).into());
+    let (Some(user), true) = (user, errors.is_empty()) else {
+        return Err(CommandError::Invalid(errors));
     };
-    if !errors.is_empty() {
-        return Err(CommandError::Invalid(errors).into());
-    }
     let total = total.ok_or_else(|| {
         CommandError::Invalid(vec![FieldError {
             field: "items".into(),
@@ -1025,28 +1055,89 @@ async fn create_order(
         }),
         meta,
     );
-    let line_nos: Vec<i32> = (1..=i32::try_from(lines.len()).unwrap_or(i32::MAX)).collect();
-    let pids: Vec<Uuid> = lines.iter().map(|l| l.product_id).collect();
-    let names: Vec<String> = lines.iter().map(|l| l.product_name.clone()).collect();
-    let unit: Vec<i64> = lines.iter().map(|l| l.unit_price_cents).collect();
-    let qtys: Vec<i32> = lines
-        .iter()
-        .map(|l| i32::try_from(l.quantity).unwrap_or(i32::MAX))
-        .collect();
-    let line_totals: Vec<i64> = lines.iter().map(|l| l.line_total_cents).collect();
-    with_event!(
-        append_event_sql!("WITH o AS (
+    Ok(PlannedOrder {
+        id,
+        user,
+        lines,
+        total,
+        ev,
+    })
+}
+
+impl PlannedOrder {
+    fn outcome(&self) -> Outcome {
+        Outcome {
+            status: StatusCode::CREATED,
+            body: order_json(
+                self.id,
+                &self.user,
+                "placed",
+                &self.lines,
+                self.total,
+                1,
+                self.ev.occurred_at,
+                self.ev.occurred_at,
+                None,
+            ),
+            version: 1,
+        }
+    }
+}
+
+/// Writes planned orders (their rows, items, events and outbox rows) with ONE statement, in the order given.
+async fn write_orders(conn: &mut PgConnection, orders: &[&PlannedOrder]) -> Exec<()> {
+    let Some(first) = orders.first() else {
+        return Ok(());
+    };
+    let mut item_order = Vec::new();
+    let mut line_nos: Vec<i32> = Vec::new();
+    let mut pids = Vec::new();
+    let mut names = Vec::new();
+    let mut unit = Vec::new();
+    let mut qtys: Vec<i32> = Vec::new();
+    let mut line_totals = Vec::new();
+    for o in orders.iter() {
+        for (n, l) in o.lines.iter().enumerate() {
+            item_order.push(o.id);
+            line_nos.push(i32::try_from(n + 1).unwrap_or(i32::MAX));
+            pids.push(l.product_id);
+            names.push(l.product_name.as_str());
+            unit.push(l.unit_price_cents);
+            qtys.push(i32::try_from(l.quantity).unwrap_or(i32::MAX));
+            line_totals.push(l.line_total_cents);
+        }
+    }
+    sqlx::query(
+        "WITH o AS (
             INSERT INTO orders (id, user_id, status, total_cents, version, created_at, updated_at)
-            VALUES ($3, $10, 'placed', $11, 1, $9, $9)
+            SELECT t.id, t.user_id, 'placed', t.total, 1, t.at, t.at
+            FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::timestamptz[]) AS t(id, user_id, total, at)
             RETURNING id),
          i AS (
             INSERT INTO order_items (order_id, line_no, product_id, product_name, unit_price_cents, quantity, line_total_cents)
-            SELECT o.id, t.* FROM o,
-                unnest($12::int[], $13::uuid[], $14::text[], $15::bigint[], $16::int[], $17::bigint[]) AS t)"),
-        ev
+            SELECT t.* FROM unnest($11::uuid[], $12::int[], $13::uuid[], $14::text[], $15::bigint[], $16::int[], $17::bigint[])
+                 AS t(order_id, line_no, product_id, product_name, unit_price_cents, quantity, line_total_cents)
+            WHERE t.order_id IN (SELECT id FROM o)),
+         e AS (
+            INSERT INTO events (event_id, aggregate_type, aggregate_id, version, type, schema_version, data, metadata, occurred_at)
+            SELECT t.event_id, $6, t.id, 1, $7, $8, t.data, t.metadata, t.at
+            FROM unnest($5::uuid[], $1::uuid[], $9::jsonb[], $10::jsonb[], $4::timestamptz[])
+                 WITH ORDINALITY AS t(event_id, id, data, metadata, at, n)
+            ORDER BY t.n
+            RETURNING position)
+         INSERT INTO outbox (position) SELECT position FROM e",
     )
-    .bind(user_id)
-    .bind(total)
+    .bind(orders.iter().map(|o| o.id).collect::<Vec<_>>())
+    .bind(orders.iter().map(|o| o.user.id).collect::<Vec<_>>())
+    .bind(orders.iter().map(|o| o.total).collect::<Vec<_>>())
+    .bind(orders.iter().map(|o| o.ev.occurred_at).collect::<Vec<_>>())
+    .bind(orders.iter().map(|o| o.ev.id).collect::<Vec<_>>())
+    .bind(first.ev.aggregate_type)
+    .bind(first.ev.event_type)
+    .bind(first.ev.schema_version)
+    .bind(orders.iter().map(|o| &o.ev.data).collect::<Vec<_>>())
+    .bind(orders.iter().map(|o| &o.ev.metadata).collect::<Vec<_>>())
+    .bind(&item_order)
     .bind(&line_nos)
     .bind(&pids)
     .bind(&names)
@@ -1055,21 +1146,53 @@ async fn create_order(
     .bind(&line_totals)
     .execute(&mut *conn)
     .await?;
-    Ok(Outcome {
-        status: StatusCode::CREATED,
-        body: order_json(
-            id,
-            &user,
-            "placed",
-            &lines,
-            total,
-            1,
-            ev.occurred_at,
-            ev.occurred_at,
-            None,
-        ),
-        version: 1,
-    })
+    Ok(())
+}
+
+async fn create_order(
+    conn: &mut PgConnection,
+    id: Uuid,
+    user_id: Uuid,
+    items: &[(Uuid, u32)],
+    meta: &Meta,
+) -> Exec<Outcome> {
+    let refs = order_refs(conn, vec![user_id], items.iter().map(|(p, _)| *p).collect()).await?;
+    let planned = plan_order(&refs, id, user_id, items, meta)?;
+    write_orders(conn, &[&planned]).await?;
+    Ok(planned.outcome())
+}
+
+/// An order creation as [`create_orders`] takes it.
+pub struct NewOrder<'a> {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub items: &'a [(Uuid, u32)],
+    pub meta: &'a Meta,
+}
+
+/// Many order creations with three statements in all (users, products, then every row of every valid order),
+/// instead of three per order. Each entry is the order's answer, refusals included, exactly as one by one:
+/// the lookups are made in the same transaction, before any of these orders is written.
+pub async fn create_orders(
+    conn: &mut PgConnection,
+    orders: &[NewOrder<'_>],
+) -> Exec<Vec<Result<Outcome, CommandError>>> {
+    let refs = order_refs(
+        conn,
+        orders.iter().map(|o| o.user_id).collect(),
+        orders
+            .iter()
+            .flat_map(|o| o.items.iter().map(|(p, _)| *p))
+            .collect(),
+    )
+    .await?;
+    let plans: Vec<Result<PlannedOrder, CommandError>> = orders
+        .iter()
+        .map(|o| plan_order(&refs, o.id, o.user_id, o.items, o.meta))
+        .collect();
+    let valid: Vec<&PlannedOrder> = plans.iter().filter_map(|p| p.as_ref().ok()).collect();
+    write_orders(conn, &valid).await?;
+    Ok(plans.into_iter().map(|p| p.map(|p| p.outcome())).collect())
 }
 
 async fn cancel_order(

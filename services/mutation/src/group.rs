@@ -261,8 +261,9 @@ async fn run_batch(
 }
 
 /// Writes every plain product creation of `jobs` (no Idempotency-Key: those need their own claim row) with
-/// one statement, and every plain user creation with another, filling their `results`. Fewer than two of a
-/// kind are left to the one-by-one path.
+/// one statement, every plain user creation with another, and every plain order creation with three (see
+/// `commands::create_orders`), filling their `results`. Fewer than two of a kind are left to the one-by-one
+/// path. Creations can run first: a creation's id is new, so no other command of the batch refers to it.
 async fn create_at_once(
     conn: &mut sqlx::PgConnection,
     jobs: &[Job],
@@ -332,6 +333,29 @@ async fn create_at_once(
             .with_label_values(&["user"])
             .inc_by(outcomes.iter().filter(|o| o.is_ok()).count() as u64);
         for (i, o) in at.into_iter().zip(outcomes) {
+            results[i] = Some(o.map(Reply::Done));
+        }
+    }
+    let mut at_orders = Vec::new();
+    let mut orders = Vec::new();
+    for (i, j) in jobs.iter().enumerate() {
+        if let (Command::CreateOrder { id, user_id, items }, None) = (&j.cmd, &j.idem) {
+            at_orders.push(i);
+            orders.push(commands::NewOrder {
+                id: *id,
+                user_id: *user_id,
+                items,
+                meta: &j.meta,
+            });
+        }
+    }
+    if orders.len() >= 2 {
+        let outcomes = commands::create_orders(conn, &orders).await?;
+        metrics
+            .bulk_created
+            .with_label_values(&["order"])
+            .inc_by(outcomes.iter().filter(|o| o.is_ok()).count() as u64);
+        for (i, o) in at_orders.into_iter().zip(outcomes) {
             results[i] = Some(o.map(Reply::Done));
         }
     }

@@ -697,9 +697,74 @@ async fn group_commit_fails_only_the_bad_command() {
     );
     // 200 concurrent product creates (no hashing in front of the queue).
     let futs = (0..200).map(|i| app.post("/product", json!({"name": format!("g{i}"), "price": 1})));
+    let mut product_ids = Vec::new();
     for r in futures::future::join_all(futs).await {
         assert_eq!(r.status(), StatusCode::CREATED);
+        let b: Value = r.json().await.unwrap();
+        product_ids.push(b["id"].as_str().unwrap().to_owned());
     }
+    // 120 concurrent orders; every 4th names a product that does not exist, every 6th a user that does not:
+    // exactly those are refused, each with its own field errors, and the rest are priced and written.
+    let pool = sqlx::PgPool::connect(&env.pg_url).await.unwrap();
+    let user_ids: Vec<String> = sqlx::query_scalar("select id::text from users order by email")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    let missing = "00000000-0000-4000-8000-000000000001";
+    let app_ref = &app;
+    let futs = (0..120).map(|i| {
+        let user = if i % 6 == 0 {
+            missing
+        } else {
+            user_ids[i % user_ids.len()].as_str()
+        };
+        let second = if i % 4 == 0 {
+            missing
+        } else {
+            product_ids[(i + 1) % 200].as_str()
+        };
+        let body = json!({"userId": user, "items": [
+            {"productId": product_ids[i % 200], "quantity": 2},
+            {"productId": second, "quantity": 3},
+        ]});
+        async move { (i, app_ref.post("/order", body).await) }
+    });
+    let mut placed = 0;
+    for (i, r) in futures::future::join_all(futs).await {
+        if i % 6 == 0 || i % 4 == 0 {
+            let p = problem(r, StatusCode::UNPROCESSABLE_ENTITY).await;
+            let fields: Vec<&str> = p["errors"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["field"].as_str().unwrap())
+                .collect();
+            let mut want = Vec::new();
+            if i % 6 == 0 {
+                want.push("userId");
+            }
+            if i % 4 == 0 {
+                want.push("items[1].productId");
+            }
+            assert_eq!(fields, want, "order {i}: {p}");
+        } else {
+            assert_eq!(r.status(), StatusCode::CREATED, "order {i}");
+            let b: Value = r.json().await.unwrap();
+            // Every product costs 1.00: 2 + 3 units.
+            assert_eq!(b["totalCents"], json!(500), "{b}");
+            assert_eq!(b["items"].as_array().unwrap().len(), 2, "{b}");
+            placed += 1;
+        }
+    }
+    let (orders, items, order_events): (i64, i64, i64) = sqlx::query_as(
+        "select (select count(*) from orders), (select count(*) from order_items),
+                (select count(*) from events e join orders o on o.id = e.aggregate_id
+                  where e.type = 'ORDER-CREATED' and (e.data->>'totalCents')::bigint = o.total_cents)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((orders, items, order_events), (placed, 2 * placed, placed));
     // Batches really formed: fewer transactions than commands.
     let metrics = app
         .client
@@ -717,7 +782,7 @@ async fn group_commit_fails_only_the_bad_command() {
     let batches: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(batches < 400.0, "{batches} transactions for 400 commands");
     // And the shared-statement path carried creations of both kinds.
-    for entity in ["user", "product"] {
+    for entity in ["user", "product", "order"] {
         let prefix = format!("cqrs_mutation_bulk_created_total{{entity=\"{entity}\"}} ");
         let n: f64 = metrics
             .lines()
@@ -728,7 +793,6 @@ async fn group_commit_fails_only_the_bad_command() {
         assert!(n > 0.0, "{entity}: {n}");
     }
     // State, events and outbox agree: one event per created user.
-    let pool = sqlx::PgPool::connect(&env.pg_url).await.unwrap();
     let users: i64 = sqlx::query_scalar("select count(*) from users")
         .fetch_one(&pool)
         .await
