@@ -63,12 +63,14 @@ pub struct Installer {
     postgres: OnceCell<PathBuf>,
     kafka: OnceCell<PathBuf>,
     mongo: OnceCell<PathBuf>,
+    ferretdb: OnceCell<PathBuf>,
 }
 
 static INSTALLER: Installer = Installer {
     postgres: OnceCell::const_new(),
     kafka: OnceCell::const_new(),
     mongo: OnceCell::const_new(),
+    ferretdb: OnceCell::const_new(),
 };
 
 impl Installer {
@@ -97,5 +99,9 @@ impl Installer {
     /// The `secantusd-py` executable.
     pub async fn mongo_exe(&self) -> Result<PathBuf> {
         Self::resolve(&self.mongo, "install-mongo.sh").await
+    }
+    /// The FerretDB wrapper executable (built from Go modules on first use: about a minute cold).
+    pub async fn ferretdb_exe(&self) -> Result<PathBuf> {
+        Self::resolve(&self.ferretdb, "install-ferretdb.sh").await
     }
 }
