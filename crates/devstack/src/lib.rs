@@ -1,5 +1,6 @@
 //! Real infrastructure on 127.0.0.1 without Docker: PostgreSQL 15 (Debian), Apache Kafka 4.3.1 in KRaft mode
-//! (Maven Central jars on the JDK) and a MongoDB-wire server (PyPI SecantusDB).
+//! (Maven Central jars on the JDK) and a MongoDB-wire server: PyPI SecantusDB, or FerretDB v1 (built from Go
+//! modules) with `CQRS_MONGO_SERVER=ferretdb`.
 //!
 //! Everything is installed on first use by the scripts in `crates/devstack/scripts/` (idempotent, cached under
 //! `$XDG_CACHE_HOME/cqrs-stack` or `~/.cache/cqrs-stack`), so a fresh machine provisions itself and a warm one
@@ -23,7 +24,7 @@ mod shared;
 pub use error::DevstackError;
 pub use install::{Installer, cache_dir};
 pub use kafka::{Kafka, KafkaConfig};
-pub use mongo::{Mongo, MongoConfig};
+pub use mongo::{Mongo, MongoConfig, MongoServer};
 pub use postgres::{Postgres, PostgresConfig};
 pub use proc::free_port;
 pub use shared::{

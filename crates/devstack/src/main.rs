@@ -208,7 +208,11 @@ async fn up(bin_dir: Option<PathBuf>, prefix: &str) -> anyhow::Result<()> {
         "  kafka     {} (topics {prefix}.users|products|orders|dlq)",
         s.kafka_bootstrap()
     );
-    println!("  mongo     {} (database {prefix})", s.mongo_url());
+    println!(
+        "  mongo     {} (database {prefix}; {})",
+        s.mongo_url(),
+        s.mongo_server
+    );
     println!("  logs      {}", logs.display());
     if let Some(t) = token {
         println!();

@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 
 use crate::{
-    DevstackError, Kafka, KafkaConfig, Mongo, MongoConfig, Postgres, PostgresConfig, Result,
-    error::IoContext, mongo::mongo_url, postgres, proc,
+    DevstackError, Kafka, KafkaConfig, Mongo, MongoConfig, MongoServer, Postgres, PostgresConfig,
+    Result, error::IoContext, mongo::mongo_url, postgres, proc,
 };
 
 /// Ports, pids and directories of one profile's servers, as written to its state file.
@@ -31,6 +31,9 @@ pub struct StackState {
     pub kafka_controller_port: u16,
     pub kafka_dir: PathBuf,
     pub kafka_pid: u32,
+    /// Which Mongo-wire server runs (state files written before there was a choice: SecantusDB).
+    #[serde(default)]
+    pub mongo_server: MongoServer,
     pub mongo_port: u16,
     pub mongo_dir: PathBuf,
     pub mongo_storage: Option<PathBuf>,
@@ -68,6 +71,8 @@ pub struct ProfileSpec {
     pub kafka_port: Option<u16>,
     pub kafka_controller_port: Option<u16>,
     pub mongo_port: Option<u16>,
+    /// `None`: the one `$CQRS_MONGO_SERVER` names (SecantusDB by default).
+    pub mongo_server: Option<MongoServer>,
     pub durable: bool,
     pub mongo_in_memory: bool,
     pub throwaway: bool,
@@ -82,6 +87,7 @@ impl ProfileSpec {
             kafka_port: None,
             kafka_controller_port: None,
             mongo_port: None,
+            mongo_server: None,
             durable: false,
             mongo_in_memory: true,
             throwaway: true,
@@ -95,6 +101,7 @@ impl ProfileSpec {
             kafka_port: Some(9092),
             kafka_controller_port: Some(9093),
             mongo_port: Some(27017),
+            mongo_server: None,
             durable: true,
             mongo_in_memory: false,
             throwaway: false,
@@ -155,10 +162,25 @@ pub struct Ensured {
     pub started: Vec<&'static str>,
 }
 
-/// Makes sure the profile's three servers run, starting only the missing ones (in parallel).
+/// Makes sure the profile's three servers run, starting only the missing ones (in parallel). A profile whose
+/// Mongo-wire server is alive but of another kind than asked for is an error, not silently reused or replaced.
 pub async fn ensure_stack(spec: &ProfileSpec) -> Result<Ensured> {
+    let server = match &spec.mongo_server {
+        Some(s) => s.clone(),
+        None => MongoServer::from_env()?,
+    };
     let _lock = lock(&spec.name)?;
     let previous = read_state(&spec.name);
+    if let Some(s) = &previous
+        && s.mongo_server != server
+        && mongo_alive(s)
+    {
+        return Err(DevstackError::Command(format!(
+            "profile {} runs {} on port {}, not {server}: stop it first (`devstack stop --profile {}`) or use \
+             another profile",
+            spec.name, s.mongo_server, s.mongo_port, spec.name
+        )));
+    }
     let base = crate::cache_dir().join("stacks").join(&spec.name);
 
     let pg_cfg = match &previous {
@@ -190,23 +212,31 @@ pub async fn ensure_stack(spec: &ProfileSpec) -> Result<Ensured> {
     // The shared servers are never killed by tests, and the local stack favours speed: no per-commit fsync
     // there (tests that kill -9 the Mongo-wire server use a private one, which syncs).
     let mongo_cfg = match &previous {
-        Some(s) => MongoConfig {
+        Some(s) if s.mongo_server == server => MongoConfig {
+            server: s.mongo_server.clone(),
             port: s.mongo_port,
             dir: s.mongo_dir.clone(),
             storage: s.mongo_storage.clone(),
             sync_on_commit: false,
         },
-        None => MongoConfig {
+        _ => MongoConfig {
             port: port_or_free(spec.mongo_port)?,
             dir: base.join("mongo"),
-            storage: (!spec.mongo_in_memory).then(|| base.join("mongo").join("data")),
+            // Each kind keeps its own files: the one not chosen now keeps its data for when it is again.
+            storage: (!spec.mongo_in_memory).then(|| match server {
+                MongoServer::Secantus => base.join("mongo").join("data"),
+                _ => base.join("mongo").join(format!("data-{server}")),
+            }),
             sync_on_commit: false,
+            server: server.clone(),
         },
     };
 
     let pg_up = previous.as_ref().is_some_and(pg_alive);
     let kafka_up = previous.as_ref().is_some_and(kafka_alive);
-    let mongo_up = previous.as_ref().is_some_and(mongo_alive);
+    let mongo_up = previous
+        .as_ref()
+        .is_some_and(|s| s.mongo_server == server && mongo_alive(s));
     let mut started = Vec::new();
 
     let pg_fut = async {
@@ -296,6 +326,7 @@ pub async fn ensure_stack(spec: &ProfileSpec) -> Result<Ensured> {
         kafka_controller_port: kafka_cfg.controller_port,
         kafka_dir: kafka_cfg.dir.clone(),
         kafka_pid,
+        mongo_server: mongo_cfg.server.clone(),
         mongo_port: mongo_cfg.port,
         mongo_dir: mongo_cfg.dir.clone(),
         mongo_storage: mongo_cfg.storage.clone(),
@@ -343,14 +374,14 @@ pub async fn stop_stack(profile: &str) -> Result<bool> {
     .await?;
     let mut mongo = Mongo::attach(
         MongoConfig {
+            server: s.mongo_server.clone(),
             port: s.mongo_port,
             dir: s.mongo_dir.clone(),
             storage: s.mongo_storage.clone(),
             sync_on_commit: false,
         },
         s.mongo_pid,
-    )
-    .await?;
+    );
     if s.throwaway {
         let (a, b, c) = tokio::join!(pg.destroy(), kafka.destroy(), mongo.destroy());
         a?;
@@ -376,7 +407,8 @@ pub async fn stop_stack(profile: &str) -> Result<bool> {
     Ok(true)
 }
 
-/// The servers of this test run (profile `test`, or `$CQRS_TEST_PROFILE`).
+/// The servers of this test run: profile `$CQRS_TEST_PROFILE`, else `test` (`test-ferretdb` when
+/// `$CQRS_MONGO_SERVER` picks FerretDB, so a run of each kind can share the machine).
 #[derive(Debug)]
 pub struct SharedStack {
     pub state: StackState,
@@ -400,8 +432,15 @@ static SHARED: OnceCell<SharedStack> = OnceCell::const_new();
 pub async fn shared_stack() -> Result<&'static SharedStack> {
     SHARED
         .get_or_try_init(|| async {
-            let profile = std::env::var("CQRS_TEST_PROFILE").unwrap_or_else(|_| "test".into());
-            let ensured = ensure_stack(&ProfileSpec::test(&profile)).await?;
+            let server = MongoServer::from_env()?;
+            let profile = match std::env::var("CQRS_TEST_PROFILE") {
+                Ok(p) => p,
+                Err(_) if server == MongoServer::Secantus => "test".into(),
+                Err(_) => format!("test-{server}"),
+            };
+            let mut spec = ProfileSpec::test(&profile);
+            spec.mongo_server = Some(server);
+            let ensured = ensure_stack(&spec).await?;
             Ok::<_, DevstackError>(SharedStack {
                 state: ensured.state,
             })
