@@ -26,7 +26,6 @@ func main() {
 	sqliteSync := flag.String("sqlite-synchronous", "full",
 		"SQLite's synchronous pragma: full (fsync every commit), normal (WAL survives a crash of this process, "+
 			"not of the machine) or off")
-	sqliteMemory := flag.Bool("sqlite-memory", false, "keep the SQLite databases in memory (one connection each)")
 	pgURL := flag.String("postgresql-url", "", "PostgreSQL URL (postgresql handler)")
 	logLevel := flag.String("log-level", "warn", "debug, info, warn or error")
 	flag.Parse()
@@ -61,10 +60,9 @@ func main() {
 		}
 		// A URI naming a directory: FerretDB keeps one SQLite file per Mongo database in it (and adds WAL mode
 		// and a busy timeout itself).
+		// No `mode=memory`: FerretDB then allows one connection per database, and an `update` command holds a
+		// connection per matching statement until it ends, so the second such statement would wait forever.
 		q := url.Values{"_pragma": {"synchronous(" + *sqliteSync + ")"}}
-		if *sqliteMemory {
-			q.Set("mode", "memory")
-		}
 		cfg.SQLiteURL = "file:" + *sqliteDir + "/?" + q.Encode()
 	case "postgresql":
 		if *pgURL == "" {
