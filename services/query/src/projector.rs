@@ -263,6 +263,8 @@ async fn apply_batch(
             let mut inserts = Vec::new();
             let mut updates = Vec::new();
             let mut planned: Vec<(&Key, States, Vec<&Envelope>)> = Vec::new();
+            // Duplicates seen per key this round; counted below unless the key is planned again.
+            let mut round_dups: Vec<(&Key, u64)> = Vec::new();
             for key in keys {
                 let Some(items) = groups.get(key) else {
                     continue;
@@ -275,6 +277,7 @@ async fn apply_batch(
                 let mut states: States = Vec::new();
                 let mut dead: Option<u64> = None;
                 let mut gap = false;
+                let mut key_dups = 0u64;
                 for item in items {
                     let v = item.env.version;
                     if let Some(dv) = dead {
@@ -285,10 +288,7 @@ async fn apply_batch(
                         continue;
                     }
                     if v <= version {
-                        // Counted once per key, when its stored state was first known.
-                        if !dups_counted.contains(key) {
-                            duplicates += 1;
-                        }
+                        key_dups += 1;
                         continue;
                     }
                     if v > version + 1 {
@@ -319,9 +319,7 @@ async fn apply_batch(
                         }
                     }
                 }
-                if rounds > 1 || !starts_new(&groups, key) {
-                    dups_counted.insert(key.clone());
-                }
+                round_dups.push((key, key_dups));
                 if gap {
                     gapped.push(key.clone());
                 }
@@ -338,6 +336,15 @@ async fn apply_batch(
                 .store
                 .write_batch(entity, generation, inserts, updates)
                 .await?;
+            // A key's duplicates are counted once: in the first round whose plan stood. A blind insert that
+            // collided did not stand (its next round reads the stored state and sees them again); a gapped key's
+            // later rounds would count its own just-applied events.
+            for (key, n) in round_dups {
+                if !outcome.conflicted_inserts.contains(&key.1) && dups_counted.insert(key.clone())
+                {
+                    duplicates += n;
+                }
+            }
             for (key, states, these) in planned {
                 if outcome.conflicted_inserts.contains(&key.1) {
                     // Another writer created it meanwhile (e.g. during a rebalance): plan again from its state.
