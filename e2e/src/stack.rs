@@ -154,6 +154,10 @@ impl Stack {
         q_env.push(("MONGO_URL".into(), c.mongo_url.clone()));
         q_env.push(("MONGO_DB".into(), c.mongo_db.clone()));
         q_env.push(("MUTATION_URL".into(), mutation_url.clone()));
+        // Stable across restarts (the port is kept), unique on this machine: static group membership, so a
+        // killed and restarted query process takes its partitions back at once (as a pod does under the
+        // operator, which passes the pod name).
+        q_env.push(("QUERY_INSTANCE_ID".into(), format!("e2e-query-{qp}")));
         let mut g_env: Vec<(String, String)> = c
             .extra_env
             .iter()

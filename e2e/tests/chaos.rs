@@ -40,6 +40,19 @@ async fn chaos(name: &str, targets: Vec<Target>) {
         report.acknowledged
     );
     assert_eq!(report.recoveries.len(), n);
+    // Static group membership: a restarted query process takes its partitions back at once rather than after
+    // the dead consumer's 10 s session timeout (finding 4).
+    for r in report
+        .recoveries
+        .iter()
+        .filter(|r| r.target == Target::Query)
+    {
+        assert!(
+            r.recovered_s < 5.0,
+            "query took {:.1}s to serve a new write after kill -9",
+            r.recovered_s
+        );
+    }
     assert_eq!(report.lost(), 0, "lost acknowledged commands");
     assert_eq!(report.duplicated(), 0, "duplicated commands");
     assert!(report.passed());

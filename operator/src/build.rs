@@ -12,9 +12,9 @@ use k8s_openapi::{
         core::v1::{
             Capabilities, ConfigMap, ConfigMapEnvSource, Container, ContainerPort,
             EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction,
-            PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretEnvSource,
-            SecretKeySelector, SecurityContext, Service, ServicePort, ServiceSpec, Volume,
-            VolumeMount,
+            ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+            SeccompProfile, SecretEnvSource, SecretKeySelector, SecurityContext, Service,
+            ServicePort, ServiceSpec, Volume, VolumeMount,
         },
         policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec},
     },
@@ -301,6 +301,21 @@ fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
     }
 }
 
+/// An env var from the pod's own fields (downward API).
+fn field_env(name: &str, field_path: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: field_path.to_owned(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
 fn probe(path: &str, period: i32, failure_threshold: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
@@ -341,11 +356,12 @@ fn deployment(d: &Desired, c: Component, cs: &ComponentSpec, config_hash: &str) 
         ),
         Component::Query => (
             &spec.images.query,
-            vec![secret_env(
-                "MONGO_URL",
-                &spec.mongo.secret_name,
-                &spec.mongo.key,
-            )],
+            vec![
+                secret_env("MONGO_URL", &spec.mongo.secret_name, &spec.mongo.key),
+                // Static consumer-group membership under the pod name: a container restart (same pod) gets
+                // its partitions back at once instead of after the session timeout.
+                field_env("QUERY_INSTANCE_ID", "metadata.name"),
+            ],
             None,
         ),
     };

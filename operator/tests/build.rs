@@ -296,6 +296,17 @@ fn configuration_and_secrets_reach_the_right_service() {
         secret(&qu, "MONGO_URL"),
         ("mongo-secret".to_owned(), "url".to_owned())
     );
+    // The query service's consumer-group instance id is its pod name (static membership).
+    let instance = qu
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|e| e.name == "QUERY_INSTANCE_ID")
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.field_ref.as_ref())
+        .map(|f| f.field_path.clone());
+    assert_eq!(instance.as_deref(), Some("metadata.name"));
     assert!(
         mu.env.unwrap().iter().all(|e| e.name != "MONGO_URL"),
         "each service gets only its own secrets"

@@ -68,6 +68,14 @@ pub struct QueryConfig {
     /// generation's collections, so every replica sees every change, instead of from this replica's apply loop.
     #[arg(long, env = "QUERY_CHANGE_STREAMS", default_value_t = false, action = clap::ArgAction::Set)]
     pub change_streams: bool,
+    /// Static consumer-group membership (Kafka `group.instance.id`): a name that stays the same when this
+    /// replica's process restarts (the operator passes the pod name). A restarted replica then gets its
+    /// partitions back at once, instead of waiting out the dead process's session timeout (~10 s of stalled
+    /// projection). It must be unique among running replicas. Unset = dynamic membership. Trade-off: a static
+    /// member does not leave the group on shutdown, so a replica that is scaled away holds its partitions until
+    /// the session timeout.
+    #[arg(long, env = "QUERY_INSTANCE_ID")]
+    pub instance_id: Option<String>,
     /// Fault injection for tests: the consumer dies after this many batches were written to MongoDB and
     /// before their offsets are committed (simulates a crash at the worst moment). Never set in production.
     #[arg(long, env = "QUERY_FAULT_CRASH_AFTER_WRITE", hide = true)]
@@ -98,6 +106,7 @@ impl QueryConfig {
             topic_partitions: 3,
             consume: true,
             change_streams: false,
+            instance_id: None,
             fault_crash_after_write: None,
         }
     }

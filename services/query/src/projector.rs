@@ -82,7 +82,12 @@ async fn consume(
     group: &str,
     cancel: &CancellationToken,
 ) -> Result<(), QueryError> {
-    let consumer: StreamConsumer = kafka::client_config(&ctx.config.kafka_bootstrap)
+    let mut cfg = kafka::client_config(&ctx.config.kafka_bootstrap);
+    if let Some(id) = &ctx.config.instance_id {
+        // Scoped to the group, so the serving and a rebuilding generation's consumers may share it.
+        cfg.set("group.instance.id", id);
+    }
+    let consumer: StreamConsumer = cfg
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
