@@ -3,7 +3,7 @@
 //! by reading rows, not by raising errors, so one refused command never aborts the shared transaction of a
 //! group commit.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
@@ -470,10 +470,10 @@ pub async fn create_users(
             )
         })
         .collect();
-    let Some(first) = evs.first() else {
+    if evs.is_empty() {
         return Ok(Vec::new());
-    };
-    let created: Vec<Uuid> = sqlx::query_scalar(
+    }
+    let query = sqlx::query(
         "WITH t AS (
             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::uuid[],
                                  $10::jsonb[], $11::jsonb[])
@@ -494,17 +494,13 @@ pub async fn create_users(
     .bind(items.iter().map(|u| u.id).collect::<Vec<_>>())
     .bind(items.iter().map(|u| u.email.as_str()).collect::<Vec<_>>())
     .bind(items.iter().map(|u| u.password_hash).collect::<Vec<_>>())
-    .bind(items.iter().map(|u| u.name).collect::<Vec<_>>())
-    .bind(evs.iter().map(|e| e.occurred_at).collect::<Vec<_>>())
-    .bind(evs.iter().map(|e| e.id).collect::<Vec<_>>())
-    .bind(first.aggregate_type)
-    .bind(first.event_type)
-    .bind(first.schema_version)
-    .bind(evs.iter().map(|e| &e.data).collect::<Vec<_>>())
-    .bind(evs.iter().map(|e| &e.metadata).collect::<Vec<_>>())
-    .fetch_all(&mut *conn)
-    .await?;
-    let created: std::collections::HashSet<Uuid> = created.into_iter().collect();
+    .bind(items.iter().map(|u| u.name).collect::<Vec<_>>());
+    let created = bind_events(query, &evs.iter().collect::<Vec<_>>())
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|r| r.try_get::<Uuid, _>("id"))
+        .collect::<Result<HashSet<Uuid>, _>>()?;
     Ok(items
         .iter()
         .zip(&evs)
@@ -695,6 +691,22 @@ async fn create_product(
     })
 }
 
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// Binds the next seven parameters of a batched append to the events' columns, in this order: `occurred_at[]`,
+/// `event_id[]`, `aggregate_type`, `type`, `schema_version`, `data[]`, `metadata[]` (a batch's events share one
+/// aggregate and event type) — the multi-row counterpart of `with_event!`.
+fn bind_events<'q>(q: PgQuery<'q>, evs: &[&'q EventRow]) -> PgQuery<'q> {
+    let first = evs.first();
+    q.bind(evs.iter().map(|e| e.occurred_at).collect::<Vec<_>>())
+        .bind(evs.iter().map(|e| e.id).collect::<Vec<_>>())
+        .bind(first.map(|e| e.aggregate_type))
+        .bind(first.map(|e| e.event_type))
+        .bind(first.map(|e| e.schema_version))
+        .bind(evs.iter().map(|e| &e.data).collect::<Vec<_>>())
+        .bind(evs.iter().map(|e| &e.metadata).collect::<Vec<_>>())
+}
+
 /// A product creation as [`create_products`] takes it.
 pub struct NewProduct<'a> {
     pub id: Uuid,
@@ -727,10 +739,10 @@ pub async fn create_products(
             )
         })
         .collect();
-    let (Some(first), false) = (evs.first(), items.is_empty()) else {
+    if items.is_empty() {
         return Ok(Vec::new());
-    };
-    sqlx::query(
+    }
+    let query = sqlx::query(
         "WITH p AS (
             INSERT INTO products (id, name, price_cents, description, version, created_at, updated_at)
             SELECT t.id, t.name, t.price_cents, t.description, 1, t.at, t.at
@@ -748,16 +760,10 @@ pub async fn create_products(
     .bind(items.iter().map(|p| p.id).collect::<Vec<_>>())
     .bind(items.iter().map(|p| p.name).collect::<Vec<_>>())
     .bind(items.iter().map(|p| p.price.0).collect::<Vec<_>>())
-    .bind(items.iter().map(|p| p.description).collect::<Vec<_>>())
-    .bind(evs.iter().map(|e| e.occurred_at).collect::<Vec<_>>())
-    .bind(evs.iter().map(|e| e.id).collect::<Vec<_>>())
-    .bind(first.aggregate_type)
-    .bind(first.event_type)
-    .bind(first.schema_version)
-    .bind(evs.iter().map(|e| &e.data).collect::<Vec<_>>())
-    .bind(evs.iter().map(|e| &e.metadata).collect::<Vec<_>>())
-    .execute(&mut *conn)
-    .await?;
+    .bind(items.iter().map(|p| p.description).collect::<Vec<_>>());
+    bind_events(query, &evs.iter().collect::<Vec<_>>())
+        .execute(&mut *conn)
+        .await?;
     Ok(items
         .iter()
         .zip(&evs)
@@ -1086,9 +1092,9 @@ impl PlannedOrder {
 
 /// Writes planned orders (their rows, items, events and outbox rows) with ONE statement, in the order given.
 async fn write_orders(conn: &mut PgConnection, orders: &[&PlannedOrder]) -> Exec<()> {
-    let Some(first) = orders.first() else {
+    if orders.is_empty() {
         return Ok(());
-    };
+    }
     let mut item_order = Vec::new();
     let mut line_nos: Vec<i32> = Vec::new();
     let mut pids = Vec::new();
@@ -1107,7 +1113,7 @@ async fn write_orders(conn: &mut PgConnection, orders: &[&PlannedOrder]) -> Exec
             line_totals.push(l.line_total_cents);
         }
     }
-    sqlx::query(
+    let query = sqlx::query(
         "WITH o AS (
             INSERT INTO orders (id, user_id, status, total_cents, version, created_at, updated_at)
             SELECT t.id, t.user_id, 'placed', t.total, 1, t.at, t.at
@@ -1129,23 +1135,17 @@ async fn write_orders(conn: &mut PgConnection, orders: &[&PlannedOrder]) -> Exec
     )
     .bind(orders.iter().map(|o| o.id).collect::<Vec<_>>())
     .bind(orders.iter().map(|o| o.user.id).collect::<Vec<_>>())
-    .bind(orders.iter().map(|o| o.total).collect::<Vec<_>>())
-    .bind(orders.iter().map(|o| o.ev.occurred_at).collect::<Vec<_>>())
-    .bind(orders.iter().map(|o| o.ev.id).collect::<Vec<_>>())
-    .bind(first.ev.aggregate_type)
-    .bind(first.ev.event_type)
-    .bind(first.ev.schema_version)
-    .bind(orders.iter().map(|o| &o.ev.data).collect::<Vec<_>>())
-    .bind(orders.iter().map(|o| &o.ev.metadata).collect::<Vec<_>>())
-    .bind(&item_order)
-    .bind(&line_nos)
-    .bind(&pids)
-    .bind(&names)
-    .bind(&unit)
-    .bind(&qtys)
-    .bind(&line_totals)
-    .execute(&mut *conn)
-    .await?;
+    .bind(orders.iter().map(|o| o.total).collect::<Vec<_>>());
+    bind_events(query, &orders.iter().map(|o| &o.ev).collect::<Vec<_>>())
+        .bind(&item_order)
+        .bind(&line_nos)
+        .bind(&pids)
+        .bind(&names)
+        .bind(&unit)
+        .bind(&qtys)
+        .bind(&line_totals)
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 
