@@ -209,6 +209,34 @@ where
     (out, rec.summary())
 }
 
+/// `POST path`: on a 201 with an id and a version, those and the answer; anything else is recorded (an error by
+/// status, or a mismatch for a 201 without id/version) and gives `None`.
+async fn create(
+    gw: &Gateway,
+    rec: &Recorder,
+    mm: &Mismatches,
+    path: &str,
+    what: &str,
+    body: &Value,
+) -> Option<(String, u64, Resp)> {
+    match gw.post(path, body).await {
+        Ok(r) if r.status.as_u16() == 201 => {
+            rec.ok(r.latency);
+            match (r.id(), r.version()) {
+                (Some(id), Some(version)) => Some((id, version, r)),
+                _ => {
+                    mm.add(rec, format!("{what}: 201 without id/version: {}", r.text));
+                    None
+                }
+            }
+        }
+        other => {
+            rec.error(&status_kind(&other), other.as_ref().ok().map(|r| r.latency));
+            None
+        }
+    }
+}
+
 /// Reads `path` with `X-Min-Version: version`, retrying 503 (not yet visible) up to `attempts` times.
 async fn read_back(
     gw: &Gateway,
@@ -266,42 +294,27 @@ pub async fn run(gw: &Gateway, o: &SeedOptions) -> Result<SeedReport, E2eError> 
             let body = user_body(&run_id, i);
             let mm = mm.clone();
             async move {
-                let r = gw.post("/user", &body).await;
-                match r {
-                    Ok(r) if r.status.as_u16() == 201 => {
-                        rec.ok(r.latency);
-                        let (Some(id), Some(version)) = (r.id(), r.version()) else {
-                            mm.add(
-                                &rec,
-                                format!("user {i}: 201 without id/version: {}", r.text),
-                            );
-                            return None;
-                        };
-                        check(
-                            &mm,
-                            &rec,
-                            &format!("user {id} email (write)"),
-                            &r.body["email"],
-                            &body["email"],
-                        );
-                        if r.body.get("password").is_some() || r.text.contains("argon2") {
-                            mm.add(
-                                &rec,
-                                format!("user {id}: password material in the response"),
-                            );
-                        }
-                        Some(UserRec {
-                            id,
-                            email: body["email"].as_str().unwrap_or_default().to_owned(),
-                            name: body["name"].as_str().map(str::to_owned),
-                            version,
-                        })
-                    }
-                    other => {
-                        rec.error(&status_kind(&other), other.as_ref().ok().map(|r| r.latency));
-                        None
-                    }
+                let (id, version, r) =
+                    create(&gw, &rec, &mm, "/user", &format!("user {i}"), &body).await?;
+                check(
+                    &mm,
+                    &rec,
+                    &format!("user {id} email (write)"),
+                    &r.body["email"],
+                    &body["email"],
+                );
+                if r.body.get("password").is_some() || r.text.contains("argon2") {
+                    mm.add(
+                        &rec,
+                        format!("user {id}: password material in the response"),
+                    );
                 }
+                Some(UserRec {
+                    id,
+                    email: body["email"].as_str().unwrap_or_default().to_owned(),
+                    name: body["name"].as_str().map(str::to_owned),
+                    version,
+                })
             }
         },
     )
@@ -324,37 +337,22 @@ pub async fn run(gw: &Gateway, o: &SeedOptions) -> Result<SeedReport, E2eError> 
             let cents = prices[i];
             let mm = mm.clone();
             async move {
-                let r = gw.post("/product", &body).await;
-                match r {
-                    Ok(r) if r.status.as_u16() == 201 => {
-                        rec.ok(r.latency);
-                        let (Some(id), Some(version)) = (r.id(), r.version()) else {
-                            mm.add(
-                                &rec,
-                                format!("product {i}: 201 without id/version: {}", r.text),
-                            );
-                            return None;
-                        };
-                        check(
-                            &mm,
-                            &rec,
-                            &format!("product {id} priceCents (write)"),
-                            &r.body["priceCents"],
-                            &json!(cents),
-                        );
-                        Some(ProductRec {
-                            id,
-                            name: body["name"].as_str().unwrap_or_default().to_owned(),
-                            price_cents: cents,
-                            description: body["description"].as_str().map(str::to_owned),
-                            version,
-                        })
-                    }
-                    other => {
-                        rec.error(&status_kind(&other), other.as_ref().ok().map(|r| r.latency));
-                        None
-                    }
-                }
+                let (id, version, r) =
+                    create(&gw, &rec, &mm, "/product", &format!("product {i}"), &body).await?;
+                check(
+                    &mm,
+                    &rec,
+                    &format!("product {id} priceCents (write)"),
+                    &r.body["priceCents"],
+                    &json!(cents),
+                );
+                Some(ProductRec {
+                    id,
+                    name: body["name"].as_str().unwrap_or_default().to_owned(),
+                    price_cents: cents,
+                    description: body["description"].as_str().map(str::to_owned),
+                    version,
+                })
             }
         },
     )
@@ -393,22 +391,9 @@ pub async fn run(gw: &Gateway, o: &SeedOptions) -> Result<SeedReport, E2eError> 
         let total: i64 = items.iter().map(|(p, q)| products[*p].price_cents * i64::from(*q)).sum();
         let mm = mm.clone();
         async move {
-            let r = gw.post("/order", &body).await;
-            match r {
-                Ok(r) if r.status.as_u16() == 201 => {
-                    rec.ok(r.latency);
-                    let (Some(id), Some(version)) = (r.id(), r.version()) else {
-                        mm.add(&rec, format!("order {i}: 201 without id/version: {}", r.text));
-                        return None;
-                    };
-                    check(&mm, &rec, &format!("order {id} totalCents (write)"), &r.body["totalCents"], &json!(total));
-                    Some(OrderRec { id, user: u, items, version })
-                }
-                other => {
-                    rec.error(&status_kind(&other), other.as_ref().ok().map(|r| r.latency));
-                    None
-                }
-            }
+            let (id, version, r) = create(&gw, &rec, &mm, "/order", &format!("order {i}"), &body).await?;
+            check(&mm, &rec, &format!("order {id} totalCents (write)"), &r.body["totalCents"], &json!(total));
+            Some(OrderRec { id, user: u, items, version })
         }
     })
     .await;
