@@ -5,6 +5,8 @@
 //! never answers; SQLite lookups by `_id` scan the collection.) The first run builds FerretDB (about a minute).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use cqrs_devstack::{Mongo, MongoServer};
 use mongodb::bson::{Bson, Document, doc};
 
@@ -45,34 +47,7 @@ async fn ferretdb_inserts_rejects_duplicates_and_applies_guarded_upserts() {
     let db = client.database("proof");
 
     // A unique secondary index rejects a duplicate with MongoDB's code.
-    let users = db.collection::<Document>("users");
-    users
-        .create_index(
-            mongodb::IndexModel::builder()
-                .keys(doc! {"email": 1})
-                .options(
-                    mongodb::options::IndexOptions::builder()
-                        .unique(true)
-                        .build(),
-                )
-                .build(),
-        )
-        .await
-        .unwrap();
-    users
-        .insert_one(doc! {"_id": "u1", "email": "a@example.com"})
-        .await
-        .unwrap();
-    let err = users
-        .insert_one(doc! {"_id": "u2", "email": "a@example.com"})
-        .await
-        .unwrap_err();
-    match *err.kind {
-        mongodb::error::ErrorKind::Write(mongodb::error::WriteFailure::WriteError(ref w)) => {
-            assert_eq!(w.code, 11000)
-        }
-        ref other => panic!("expected a duplicate key error, got {other:?}"),
-    }
+    common::unique_index_rejects_a_duplicate(&db).await;
 
     // An unordered insert reports each duplicate `_id` at its index and inserts the rest.
     let reply = db

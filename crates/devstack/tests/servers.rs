@@ -1,6 +1,8 @@
 //! Proof that each server of the devstack is real: round trips through the real protocols.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::{collections::HashMap, time::Duration};
 
 use cqrs_devstack::{Kafka, test_env};
@@ -177,34 +179,7 @@ async fn mongo_unique_index_rejects_a_duplicate_and_bulk_upserts_apply() {
     let env = test_env("mongo-proof").await.unwrap();
     let client = mongodb::Client::with_uri_str(&env.mongo_url).await.unwrap();
     let db = client.database(&env.mongo_db);
-    let users = db.collection::<Document>("users");
-    users
-        .create_index(
-            mongodb::IndexModel::builder()
-                .keys(doc! {"email": 1})
-                .options(
-                    mongodb::options::IndexOptions::builder()
-                        .unique(true)
-                        .build(),
-                )
-                .build(),
-        )
-        .await
-        .unwrap();
-    users
-        .insert_one(doc! {"_id": "u1", "email": "a@example.com"})
-        .await
-        .unwrap();
-    let err = users
-        .insert_one(doc! {"_id": "u2", "email": "a@example.com"})
-        .await
-        .unwrap_err();
-    match *err.kind {
-        mongodb::error::ErrorKind::Write(mongodb::error::WriteFailure::WriteError(ref w)) => {
-            assert_eq!(w.code, 11000)
-        }
-        ref other => panic!("expected a duplicate key error, got {other:?}"),
-    }
+    common::unique_index_rejects_a_duplicate(&db).await;
 
     // A batched upsert through the classic `update` command (what real MongoDB and every stand-in support):
     // 100 new documents and one existing one updated, in one round trip.
