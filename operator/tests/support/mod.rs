@@ -35,13 +35,10 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The shared directory beside the repository (vendored CRDs), or `CQRS_SHARED_DIR`.
-pub fn shared_dir() -> PathBuf {
-    std::env::var_os("CQRS_SHARED_DIR").map_or_else(|| repo_root().join("../shared"), PathBuf::from)
-}
-
+/// The third-party CRDs the tests install (Strimzi, Prometheus Operator), vendored under `tests/crds/` with their
+/// upstream, version and licence in each folder's README.
 pub fn vendor_crds() -> Vec<PathBuf> {
-    let v = shared_dir().join("vendor");
+    let v = repo_root().join("operator/tests/crds");
     vec![
         v.join("strimzi-crds/040-Crd-kafka.yaml"),
         v.join("strimzi-crds/043-Crd-kafkatopic.yaml"),
