@@ -1,64 +1,48 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver and etcd from Go modules into the cache (idempotent; several minutes cold).
-# There is no registry that ships these binaries, and no Docker; the operator's integration tests need a real
-# API server (CRD validation, CEL rules, server-side apply, status subresource), so we build them.
+# Builds every Kubernetes binary this project runs from Go modules into the cache (idempotent; prints the bin dir):
+# kube-apiserver and etcd (the operator's integration tests), and kube-controller-manager, kube-scheduler,
+# kubelet, kube-proxy, kubectl, CoreDNS and the pod sandbox `pause` (the local cluster of `just cluster-up`).
+# No registry ships these binaries and there is no Docker, so we build them. They come from one wrapper module
+# (k8s-wrapper/, its go.sum pins every dependency) in ONE `go build` invocation: the binaries share most of their
+# packages (client-go, apiserver, grpc, etcd's client), and one invocation compiles each shared package once and
+# keeps both cores busy until the last link.
 here="$(cd "$(dirname "$0")" && pwd)"; . "$here/common.sh"
-bin="$CQRS_CACHE/k8s-$K8S_VERSION/bin"
-marker="$(done_marker k8s-$K8S_VERSION-etcd-$ETCD_VERSION)"
+src="$(cd "$here/../k8s-wrapper" && pwd)"
+grep -q "k8s.io/kubernetes $K8S_VERSION\$" "$src/go.mod" || {
+  log "k8s-wrapper/go.mod does not require k8s.io/kubernetes $K8S_VERSION (K8S_VERSION in common.sh)"; exit 1; }
+grep -q "go.etcd.io/etcd/server/v3 $ETCD_VERSION\$" "$src/go.mod" || {
+  log "k8s-wrapper/go.mod does not require etcd $ETCD_VERSION (ETCD_VERSION in common.sh)"; exit 1; }
+# Keyed by the wrapper's sources, so an edit to go.mod, go.sum or a command rebuilds the set.
+key="$(cd "$src" && cat go.mod go.sum $(find cmd -name '*.go' | sort) | sha256sum | cut -c1-12)"
+dir="$CQRS_CACHE/k8s-$K8S_VERSION"
+bin="$dir/bin-$key"
+marker="$(done_marker "k8s-$K8S_VERSION-$key")"
 if [[ -f "$marker" ]]; then echo "$bin"; exit 0; fi
 command -v go >/dev/null || { log "installing golang"; apt-get update -qq && apt-get install -y -qq golang-go; }
-mkdir -p "$bin"
-minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"
-staging_version="v0.${K8S_VERSION#v1.}"
-
-if [[ ! -x "$bin/kube-apiserver" ]]; then
-  log "building kube-apiserver $K8S_VERSION (cold: several minutes)"
-  work="$CQRS_CACHE/k8s-$K8S_VERSION/wrapper"; mkdir -p "$work"; cd "$work"
-  # k8s.io/kubernetes replaces every staging module with a local path; as a dependency those replaces are
-  # ignored, so we repeat them pointing at the published staging modules of the same release.
-  gomod="$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)",*/\1/p')"
-  {
-    echo "module cqrs.local/k8s-wrapper"
-    echo "go 1.24"
-    echo "require k8s.io/kubernetes $K8S_VERSION"
-    grep -oE '^\s*k8s\.io/[a-z0-9-]+ => \./staging/src/k8s\.io/[a-z0-9-]+' "$gomod" \
-      | awk -v v="$staging_version" '{print "replace " $1 " => " $1 " " v}'
-  } > go.mod
-  cat > tools.go <<'GO'
-//go:build tools
-
-package tools
-
-import _ "k8s.io/kubernetes/cmd/kube-apiserver"
-GO
-  go mod tidy >&2
-  pkg=k8s.io/component-base/version
-  CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor" \
-    -o "$bin/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver >&2
+mkdir -p "$dir"
+# One build at a time: .ci/run starts this in the background while test binaries may ask for it too.
+exec 9>"$dir/.build.lock"; flock 9
+if [[ ! -f "$marker" ]]; then
+  log "building Kubernetes $K8S_VERSION, etcd $ETCD_VERSION and CoreDNS in one go build (cold: 15-25 minutes)"
+  minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"
+  ld="-s -w"
+  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ld="$ld -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean"
+  done
+  tmp="$bin.tmp.$$"; rm -rf "$tmp"; mkdir -p "$tmp"
+  start=$(date +%s)
+  (cd "$src" && CGO_ENABLED=0 go build -mod=readonly -buildvcs=false -trimpath -ldflags "$ld" -o "$tmp/" \
+    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+    k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy \
+    k8s.io/kubernetes/cmd/kubectl go.etcd.io/etcd/server/v3 ./cmd/coredns ./cmd/pause) >&2
+  # etcd's main package is its module root (go.etcd.io/etcd/server/v3): go build names it `server`.
+  mv "$tmp/server" "$tmp/etcd"
+  rm -rf "$bin"; mv "$tmp" "$bin"
+  log "built $(ls "$bin" | tr '\n' ' ')in $(( $(date +%s) - start )) s"
+  touch "$marker"
+  # Sets built from earlier wrapper sources are dead weight now.
+  for old in "$dir"/bin-* "$CQRS_CACHE"/.done-k8s-*; do
+    [[ "$old" == "$bin" || "$old" == "$marker" ]] || rm -rf "$old"
+  done
 fi
-
-if [[ ! -x "$bin/etcd" ]]; then
-  log "building etcd $ETCD_VERSION"
-  # `go install pkg@version` refuses modules whose go.mod has replace directives (etcd's server module replaces
-  # its sibling modules with local paths), so build it from a wrapper module that repeats those replaces
-  # against the published sibling modules of the same release.
-  work="$CQRS_CACHE/k8s-$K8S_VERSION/etcd-wrapper"; mkdir -p "$work"; cd "$work"
-  etcd_gomod="$(go mod download -json "go.etcd.io/etcd/server/v3@$ETCD_VERSION" | sed -n 's/.*"GoMod": "\(.*\)",*/\1/p')"
-  {
-    echo "module cqrs.local/etcd-wrapper"
-    echo "go 1.24"
-    echo "require go.etcd.io/etcd/server/v3 $ETCD_VERSION"
-    grep -oE '^\s*go\.etcd\.io/etcd/[a-z0-9/-]+ => \.\./[a-z0-9/-]+' "$etcd_gomod" \
-      | awk -v v="$ETCD_VERSION" '{print "replace " $1 " => " $1 " " v}'
-  } > go.mod
-  cat > tools.go <<'GO'
-//go:build tools
-
-package tools
-
-import _ "go.etcd.io/etcd/server/v3"
-GO
-  go mod tidy >&2
-  CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$bin/etcd" go.etcd.io/etcd/server/v3 >&2
-fi
-touch "$marker"; echo "$bin"
+echo "$bin"
