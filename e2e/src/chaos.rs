@@ -21,7 +21,7 @@ use crate::{
     client::Gateway,
     stack::{Component, Stack},
     stats::{PhaseSummary, Recorder},
-    verify::{self, Ack, Tally},
+    verify::{self, Ack, ExactlyOnce},
 };
 
 /// The servers a chaos run may kill: its own Kafka and Mongo-wire server.
@@ -85,30 +85,25 @@ pub struct ChaosReport {
     pub load: PhaseSummary,
     pub recoveries: Vec<Recovery>,
     pub catch_up_s: f64,
-    pub postgres: Tally,
-    pub kafka: Tally,
-    pub read_model: Tally,
+    /// `postgres`, `kafka` and `read_model` tallies.
+    #[serde(flatten)]
+    pub checks: ExactlyOnce,
 }
 
 impl ChaosReport {
     pub fn lost(&self) -> u64 {
-        self.postgres.lost + self.kafka.lost + self.read_model.lost
+        self.checks.lost()
     }
-    /// Commands applied more than once: in PostgreSQL or in the read model.
+    /// See [`ExactlyOnce::duplicated`].
     pub fn duplicated(&self) -> u64 {
-        self.postgres.duplicated + self.read_model.duplicated
+        self.checks.duplicated()
     }
-    /// Events Kafka holds more than once. The relay is at-least-once by design (a relay killed between the
-    /// broker's ack and deleting its outbox rows publishes them again; the read model's version guard skips
-    /// them), so these are reported separately from `duplicated`.
+    /// See [`ExactlyOnce::kafka_redelivered`].
     pub fn kafka_redelivered(&self) -> u64 {
-        self.kafka.duplicated
+        self.checks.kafka_redelivered()
     }
     pub fn passed(&self) -> bool {
-        self.postgres.clean()
-            && self.read_model.clean()
-            && self.kafka.lost == 0
-            && self.kafka.out_of_order == 0
+        self.checks.passed()
     }
     pub fn print(&self) {
         println!(
@@ -131,19 +126,7 @@ impl ChaosReport {
             );
         }
         println!("  caught up {:.2}s after the load stopped", self.catch_up_s);
-        for (name, t) in [
-            ("postgres", &self.postgres),
-            ("kafka", &self.kafka),
-            ("read model", &self.read_model),
-        ] {
-            println!(
-                "  {name:<10}: checked {:>6}, lost {}, duplicated {}, out of order {}",
-                t.checked, t.lost, t.duplicated, t.out_of_order
-            );
-            for e in &t.examples {
-                println!("      {e}");
-            }
-        }
+        self.checks.print();
         println!(
             "  LOST {} / DUPLICATED {} (Kafka redeliveries, at-least-once: {})",
             self.lost(),
@@ -153,17 +136,30 @@ impl ChaosReport {
     }
 }
 
-/// The shared state of the load generator.
-struct Load {
-    acks: Mutex<Vec<Ack>>,
+/// The shared state of the write load (also `cqrs-e2e load`'s, see [`crate::load`]).
+pub(crate) struct Load {
+    /// Every acknowledged command, in acknowledgement order.
+    pub(crate) acks: Mutex<Vec<Ack>>,
     users: Mutex<Vec<Uuid>>,
     products: Mutex<Vec<(Uuid, u64)>>,
-    acked: AtomicU64,
-    stop: AtomicBool,
-    rec: Recorder,
+    pub(crate) acked: AtomicU64,
+    pub(crate) stop: AtomicBool,
+    /// The writes' outcomes.
+    pub(crate) rec: Recorder,
 }
 
 impl Load {
+    pub(crate) fn new(rec: Recorder) -> Self {
+        Self {
+            acks: Mutex::new(Vec::new()),
+            users: Mutex::new(Vec::new()),
+            products: Mutex::new(Vec::new()),
+            acked: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            rec,
+        }
+    }
+
     fn push(&self, a: Ack) {
         if let Ok(mut v) = self.acks.lock() {
             v.push(a);
@@ -172,7 +168,9 @@ impl Load {
     }
 }
 
-async fn one_command(gw: &Gateway, load: &Load, seq: u64, pick: u32) {
+/// One command of the mix (20 % new users, 30 % new products, 30 % orders, 20 % product PATCHes), recorded in
+/// `load.rec` and, when acknowledged, in `load.acks`.
+pub(crate) async fn one_command(gw: &Gateway, load: &Load, seq: u64, pick: u32) {
     let users: Vec<Uuid> = load.users.lock().map(|u| u.clone()).unwrap_or_default();
     let products: Vec<(Uuid, u64)> = load.products.lock().map(|p| p.clone()).unwrap_or_default();
     let mut rng = StdRng::seed_from_u64(seq);
@@ -243,8 +241,8 @@ async fn one_command(gw: &Gateway, load: &Load, seq: u64, pick: u32) {
     }
 }
 
-/// Runs the load until `load.stop`.
-async fn run_load(gw: Gateway, load: Arc<Load>, rate: u32) {
+/// Runs the write load at `rate` commands/s (at most 64 in flight) until `load.stop`.
+pub(crate) async fn run_load(gw: Gateway, load: Arc<Load>, rate: u32) {
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate.max(1))));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let inflight = Arc::new(tokio::sync::Semaphore::new(64));
@@ -317,14 +315,7 @@ pub async fn run(
     o: &ChaosOptions,
 ) -> Result<ChaosReport, E2eError> {
     let gw = stack.gateway.clone();
-    let load = Arc::new(Load {
-        acks: Mutex::new(Vec::new()),
-        users: Mutex::new(Vec::new()),
-        products: Mutex::new(Vec::new()),
-        acked: AtomicU64::new(0),
-        stop: AtomicBool::new(false),
-        rec: Recorder::new("chaos load"),
-    });
+    let load = Arc::new(Load::new(Recorder::new("chaos load")));
     let loader = tokio::spawn(run_load(gw.clone(), load.clone(), o.rate));
     let mut recoveries = Vec::new();
     let result = async {
@@ -407,22 +398,19 @@ pub async fn run(
 
     let catch_up = gw.wait_caught_up(Duration::from_secs(180)).await?;
     let acks = load.acks.lock().map(|a| a.clone()).unwrap_or_default();
-    let pg = verify::check_postgres(&stack.config.pg_url, &acks).await?;
-    let bootstrap = stack.config.kafka_bootstrap.clone();
-    let prefix = stack.config.topic_prefix.clone();
-    let acks2 = acks.clone();
-    let kafka =
-        tokio::task::spawn_blocking(move || verify::check_kafka(&bootstrap, &prefix, &acks2))
-            .await
-            .map_err(|e| E2eError::Infra(e.to_string()))??;
-    let read_model = verify::check_read_model(&gw, &stack.config.pg_url, &acks, 16).await?;
+    let checks = verify::check_exactly_once(
+        &gw,
+        &stack.config.pg_url,
+        &stack.config.kafka_bootstrap,
+        &stack.config.topic_prefix,
+        &acks,
+    )
+    .await?;
     Ok(ChaosReport {
         acknowledged: acks.len() as u64,
         load: load.rec.summary(),
         recoveries,
         catch_up_s: catch_up.as_secs_f64(),
-        postgres: pg,
-        kafka,
-        read_model,
+        checks,
     })
 }

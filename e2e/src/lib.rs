@@ -1,11 +1,12 @@
 //! End-to-end proof of the CQRS stack: a gateway-only client, a harness that runs the service binaries as
-//! killable subprocesses, and the scenarios (`seed`, `hostile`, `chaos`, `bench`).
+//! killable subprocesses, and the scenarios (`seed`, `hostile`, `chaos`, `bench`, `load`).
 
 pub mod bench;
 pub mod chaos;
 pub mod client;
 pub mod hostile;
 pub mod infra;
+pub mod load;
 pub mod seed;
 pub mod stack;
 pub mod stats;

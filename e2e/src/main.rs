@@ -4,8 +4,10 @@
 //! - `hostile`: bad input against a running gateway; only documented 4xx, nothing stored.
 //! - `chaos`: starts private PostgreSQL/Kafka/Mongo and the three services, kills them under load.
 //! - `bench`: starts the same, runs the raw baselines and a ramp; JSON + SVG to `--out`.
+//! - `load`: a steady read/write load through a running gateway until a stop file appears, while a script
+//!   performs a day-2 operation; then failed requests and (optionally) the exactly-once checks.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context;
 use clap::{Args as ClapArgs, Parser, Subcommand};
@@ -15,6 +17,7 @@ use cqrs_e2e::{
     chaos::{self, ChaosOptions, Target},
     hostile,
     infra::PrivateInfra,
+    load::{self, CheckTarget, LoadOptions},
     seed::{self, SeedOptions, VerifyMode},
 };
 
@@ -132,6 +135,44 @@ enum Cmd {
         #[arg(long, env = "CQRS_E2E_OUT", default_value = "e2e/out")]
         out: PathBuf,
     },
+    /// A steady read/write load through a running gateway while a script performs a day-2 operation; runs
+    /// until --stop-file exists or SIGTERM/SIGINT. Exit 0 = no failed request and nothing lost/duplicated,
+    /// 1 = failures (see the report), 2 = could not run.
+    Load {
+        #[command(flatten)]
+        target: Target_,
+        /// A label for the report and the printed lines, e.g. `scale-query`.
+        #[arg(long, env = "LOAD_NAME", default_value = "load")]
+        name: String,
+        /// Writes per second.
+        #[arg(long, env = "LOAD_RATE", default_value_t = 40, value_parser = clap::value_parser!(u32).range(1..))]
+        rate: u32,
+        /// Reads per write (GETs of acknowledged aggregates with X-Min-Version); 0 = no reads.
+        #[arg(long, env = "LOAD_READS_PER_WRITE", default_value_t = 2)]
+        reads_per_write: u32,
+        /// Stop the load once this file exists (polled every 100 ms); it must not exist at the start.
+        #[arg(long, env = "LOAD_STOP_FILE")]
+        stop_file: PathBuf,
+        /// Created once --warmup-acks writes are acknowledged (the load is flowing).
+        #[arg(long, env = "LOAD_READY_FILE")]
+        ready_file: Option<PathBuf>,
+        #[arg(long, env = "LOAD_WARMUP_ACKS", default_value_t = 20)]
+        warmup_acks: u64,
+        /// Longest run without the stop file; reaching it is a failure.
+        #[arg(long, env = "LOAD_MAX_SECS", default_value_t = 600)]
+        max_secs: u64,
+        /// PostgreSQL of mutation: with --kafka-bootstrap and --topic-prefix, run the exactly-once checks
+        /// after the load.
+        #[arg(long, env = "LOAD_PG_URL", requires_all = ["kafka_bootstrap", "topic_prefix"], hide_env_values = true)]
+        pg_url: Option<String>,
+        #[arg(long, env = "LOAD_KAFKA_BOOTSTRAP", requires_all = ["pg_url", "topic_prefix"])]
+        kafka_bootstrap: Option<String>,
+        #[arg(long, env = "LOAD_TOPIC_PREFIX", requires_all = ["pg_url", "kafka_bootstrap"])]
+        topic_prefix: Option<String>,
+        /// The JSON report file (default: e2e/out/load-<name>-<timestamp>.json).
+        #[arg(long, env = "LOAD_OUT")]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -176,6 +217,19 @@ fn write_json(out: &PathBuf, name: &str, v: &impl serde::Serialize) -> anyhow::R
     let p = out.join(format!("{name}-{ts}.json"));
     std::fs::write(&p, serde_json::to_vec_pretty(v)?)?;
     Ok(p)
+}
+
+/// Resolves at the first SIGTERM or SIGINT.
+fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => eprintln!("cqrs-e2e: SIGTERM: stopping the load"),
+            _ = int.recv() => eprintln!("cqrs-e2e: SIGINT: stopping the load"),
+        }
+    })
 }
 
 #[tokio::main]
@@ -324,6 +378,57 @@ async fn real_main() -> anyhow::Result<bool> {
             std::fs::write(&svg, r.svg())?;
             println!("report: {}\nchart:  {}", p.display(), svg.display());
             Ok(true)
+        }
+        Cmd::Load {
+            target,
+            name,
+            rate,
+            reads_per_write,
+            stop_file,
+            ready_file,
+            warmup_acks,
+            max_secs,
+            pg_url,
+            kafka_bootstrap,
+            topic_prefix,
+            out,
+        } => {
+            let gw = target.gateway()?;
+            let checks = match (pg_url, kafka_bootstrap, topic_prefix) {
+                (Some(pg_url), Some(kafka_bootstrap), Some(topic_prefix)) => Some(CheckTarget {
+                    pg_url,
+                    kafka_bootstrap,
+                    topic_prefix,
+                }),
+                _ => None,
+            };
+            let o = LoadOptions {
+                name,
+                rate,
+                reads_per_write,
+                stop_file,
+                ready_file,
+                warmup_acks,
+                max: Duration::from_secs(max_secs),
+                checks,
+                ..Default::default()
+            };
+            let r = load::run(&gw, &o, stop_signal()?).await?;
+            r.print();
+            let p = match out {
+                Some(p) => {
+                    if let Some(d) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                        std::fs::create_dir_all(d)
+                            .with_context(|| format!("creating {}", d.display()))?;
+                    }
+                    std::fs::write(&p, serde_json::to_vec_pretty(&r)?)
+                        .with_context(|| format!("writing {}", p.display()))?;
+                    p
+                }
+                None => write_json(&PathBuf::from("e2e/out"), &format!("load-{}", r.name), &r)?,
+            };
+            println!("report: {}", p.display());
+            Ok(r.passed())
         }
     }
 }

@@ -22,7 +22,18 @@ struct Inner {
     ok: u64,
     errors: BTreeMap<String, u64>,
     mismatches: u64,
+    /// When the first and the last error or mismatch happened.
+    first_failure: Option<Instant>,
+    last_failure: Option<Instant>,
     ended: Option<Instant>,
+}
+
+impl Inner {
+    fn failed_now(&mut self) {
+        let now = Instant::now();
+        self.first_failure.get_or_insert(now);
+        self.last_failure = Some(now);
+    }
 }
 
 /// What a phase did.
@@ -40,13 +51,23 @@ pub struct PhaseSummary {
     pub errors: BTreeMap<String, u64>,
     /// Answers that arrived but whose content was wrong.
     pub mismatches: u64,
+    /// Seconds from the recorder's start to its first and its last error or mismatch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_failure_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_failure_s: Option<f64>,
 }
 
 impl Recorder {
     pub fn new(name: &str) -> Self {
+        Self::started_at(name, Instant::now())
+    }
+
+    /// A recorder whose durations and failure times count from `started` (several recorders of one run).
+    pub fn started_at(name: &str, started: Instant) -> Self {
         Self {
             name: name.to_owned(),
-            started: Instant::now(),
+            started,
             inner: Mutex::new(Inner::default()),
         }
     }
@@ -77,6 +98,7 @@ impl Recorder {
     pub fn error(&self, kind: &str, latency: Option<Duration>) {
         self.with(|i| {
             *i.errors.entry(kind.to_owned()).or_default() += 1;
+            i.failed_now();
             if let Some(l) = latency {
                 i.latencies_us.push(l.as_micros() as u64);
             }
@@ -84,7 +106,15 @@ impl Recorder {
     }
 
     pub fn mismatch(&self) {
-        self.with(|i| i.mismatches += 1);
+        self.with(|i| {
+            i.mismatches += 1;
+            i.failed_now();
+        });
+    }
+
+    /// Errors and mismatches so far (for progress lines).
+    pub fn failed(&self) -> u64 {
+        self.with(|i| i.errors.values().sum::<u64>() + i.mismatches)
     }
 
     /// Requests answered so far (for progress lines).
@@ -128,6 +158,12 @@ impl Recorder {
                 max_ms: l.last().map_or(0.0, |m| *m as f64 / 1000.0),
                 errors: i.errors.clone(),
                 mismatches: i.mismatches,
+                first_failure_s: i
+                    .first_failure
+                    .map(|t| t.duration_since(self.started).as_secs_f64()),
+                last_failure_s: i
+                    .last_failure
+                    .map(|t| t.duration_since(self.started).as_secs_f64()),
             }
         })
     }
