@@ -530,7 +530,13 @@ impl Gateway {
 
         let (parts, body) = req.into_parts();
         let is_read = parts.method == Method::GET || parts.method == Method::HEAD;
-        let upstream = if is_read { &self.query } else { &self.mutation };
+        // `/admin/*` belongs to query (DLQ and projection rebuilds), whatever the method; mutation has no
+        // admin routes.
+        let upstream = if is_read || class == RouteClass::Admin {
+            &self.query
+        } else {
+            &self.mutation
+        };
         let uri = upstream
             .uri(parts.uri.path_and_query())
             .map_err(|e| ProxyError::BadTarget(e.to_string()))?;

@@ -4,7 +4,7 @@ use serde_json::Value;
 use crate::common::*;
 
 #[tokio::test]
-async fn reads_go_to_query_and_everything_else_to_mutation() {
+async fn reads_and_admin_go_to_query_everything_else_to_mutation() {
     let (m, q) = (
         TestUpstream::start("mutation"),
         TestUpstream::start("query"),
@@ -61,7 +61,7 @@ async fn reads_go_to_query_and_everything_else_to_mutation() {
     assert_eq!(m.seen.hits(), 5);
     assert_eq!(q.seen.hits(), 3);
 
-    // Admin routes follow the same method rule.
+    // Admin routes belong to query, whatever the method.
     let body = json_body(
         c.get(gw.url("/admin/dlq"))
             .header("authorization", &admin)
@@ -79,7 +79,16 @@ async fn reads_go_to_query_and_everything_else_to_mutation() {
             .expect("post"),
     )
     .await;
-    assert_eq!(body["upstream"], "mutation");
+    assert_eq!(body["upstream"], "query", "POST /admin/* goes to query");
+    let body = json_body(
+        c.delete(gw.url("/admin/projections/rebuild"))
+            .header("authorization", &admin)
+            .send()
+            .await
+            .expect("delete"),
+    )
+    .await;
+    assert_eq!(body["upstream"], "query", "DELETE /admin/* goes to query");
 
     assert_eq!(
         gw.metric(
@@ -97,7 +106,7 @@ async fn reads_go_to_query_and_everything_else_to_mutation() {
     );
     assert_eq!(
         gw.metric("cqrs_gateway_requests_total", &[("route", "admin")]),
-        2.0
+        3.0
     );
 }
 
