@@ -1,17 +1,30 @@
-//! `/readyz` is real: each service's readiness follows its dependencies. Stopping PostgreSQL, the Mongo-wire
-//! server or Kafka turns the dependent services (and the gateway, which checks both upstreams) not-ready, and
-//! starting it again brings them back without a restart of the services.
+//! `/readyz` means "this pod can serve its own requests": mutation needs PostgreSQL, query needs MongoDB, the
+//! gateway needs nothing but itself. Kafka is nobody's readiness: mutation's outbox absorbs an outage (the
+//! events are published, in order, when Kafka is back) and query keeps serving what it has. Every dependency
+//! still shows in `/readyz`'s body and in `cqrs_dependency_up`.
 #![allow(clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};
 
 use cqrs_devstack::{Kafka, Mongo, Postgres};
-use cqrs_e2e::{Component, Stack, StackConfig};
+use cqrs_e2e::{
+    Component, Stack, StackConfig,
+    verify::{Ack, check_kafka},
+};
+use cqrs_events::AggregateType;
+use reqwest::Method;
+use serde_json::{Value, json};
+use uuid::Uuid;
 
-async fn status(http: &reqwest::Client, stack: &Stack, c: Component) -> u16 {
+const WAIT: Duration = Duration::from_secs(60);
+
+async fn readyz(http: &reqwest::Client, stack: &Stack, c: Component) -> (u16, Value) {
     match http.get(format!("{}/readyz", stack.url(c))).send().await {
-        Ok(r) => r.status().as_u16(),
-        Err(_) => 0,
+        Ok(r) => {
+            let s = r.status().as_u16();
+            (s, r.json().await.unwrap_or(Value::Null))
+        }
+        Err(_) => (0, Value::Null),
     }
 }
 
@@ -23,11 +36,11 @@ async fn wait_for(
     want: u16,
     why: &str,
 ) {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + WAIT;
     loop {
         let mut seen = Vec::new();
         for c in comps {
-            seen.push((c.name(), status(http, stack, *c).await));
+            seen.push((c.name(), readyz(http, stack, *c).await.0));
         }
         if seen.iter().all(|(_, s)| *s == want) {
             return;
@@ -40,8 +53,96 @@ async fn wait_for(
     }
 }
 
+/// Polls `c`'s `/readyz` until its body reports `dep` as `status` ("ok" / "failing"); returns the HTTP status
+/// of that answer.
+async fn wait_dependency(
+    http: &reqwest::Client,
+    stack: &Stack,
+    c: Component,
+    dep: &str,
+    status: &str,
+) -> u16 {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (code, body) = readyz(http, stack, c).await;
+        if body["dependencies"][dep]["status"] == status {
+            return code;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: {dep} never reported {status}; last {code} {body}",
+            c.name()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn metrics(http: &reqwest::Client, stack: &Stack, c: Component) -> String {
+    http.get(format!("{}/metrics", stack.url(c)))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Creates `n` products through the gateway and updates each twice (`If-Match`, so versions 1..3 in order);
+/// every command must succeed.
+async fn write_products(stack: &Stack, n: usize, acks: &mut Vec<Ack>, why: &str) {
+    let gw = &stack.gateway;
+    for i in 0..n {
+        let r = gw
+            .post(
+                "/product",
+                &json!({"name": format!("{why} {i}"), "price": "2.50"}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status.as_u16(), 201, "{why}: create: {}", r.text);
+        let id: Uuid = r.id().unwrap().parse().unwrap();
+        acks.push(Ack {
+            aggregate: AggregateType::Product,
+            id,
+            version: 1,
+        });
+        for v in 1..=2u64 {
+            let r = gw
+                .send_json(
+                    Method::PATCH,
+                    &format!("/product/{id}"),
+                    Some(&json!({"price": format!("{}.00", v + 2)})),
+                    &[("if-match", &format!("\"{v}\""))],
+                )
+                .await
+                .unwrap();
+            assert_eq!(
+                r.status.as_u16(),
+                200,
+                "{why}: update to v{}: {}",
+                v + 1,
+                r.text
+            );
+            acks.push(Ack {
+                aggregate: AggregateType::Product,
+                id,
+                version: v + 1,
+            });
+        }
+    }
+}
+
+async fn relay_backlog(http: &reqwest::Client, stack: &Stack) -> Option<i64> {
+    let r = http
+        .get(format!("{}/relay/status", stack.url(Component::Mutation)))
+        .send()
+        .await
+        .ok()?;
+    r.json::<Value>().await.ok()?["backlog"].as_i64()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn readyz_follows_postgres_kafka_and_mongo() {
+async fn readyz_is_each_pods_own_and_kafka_outages_are_absorbed() {
     let env = cqrs_devstack::test_env("e2e-readiness").await.unwrap();
     let (pg, kafka, mongo) = tokio::join!(
         Postgres::start_private(),
@@ -60,22 +161,23 @@ async fn readyz_follows_postgres_kafka_and_mongo() {
         .build()
         .unwrap();
     use Component::{Gateway, Mutation, Query};
+    let mut acks = Vec::new();
 
     wait_for(&http, &stack, &[Mutation, Query, Gateway], 200, "all up").await;
+    write_products(&stack, 3, &mut acks, "all up").await;
 
+    // PostgreSQL: mutation cannot serve commands; query and the gateway can serve (reads, proxying).
     pg.stop().await.unwrap();
-    wait_for(
-        &http,
-        &stack,
-        &[Mutation, Gateway],
-        503,
-        "PostgreSQL stopped",
-    )
-    .await;
+    wait_for(&http, &stack, &[Mutation], 503, "PostgreSQL stopped").await;
     assert_eq!(
-        status(&http, &stack, Query).await,
+        wait_dependency(&http, &stack, Gateway, "mutation", "failing").await,
         200,
-        "query does not depend on PostgreSQL"
+        "the gateway is ready on its own"
+    );
+    assert_eq!(
+        readyz(&http, &stack, Query).await.0,
+        200,
+        "query does not need PostgreSQL"
     );
     pg.start().await.unwrap();
     wait_for(
@@ -87,13 +189,20 @@ async fn readyz_follows_postgres_kafka_and_mongo() {
     )
     .await;
 
+    // MongoDB: query cannot read; mutation and the gateway stay ready, and writes succeed.
     mongo.stop().await.unwrap();
-    wait_for(&http, &stack, &[Query, Gateway], 503, "Mongo stopped").await;
+    wait_for(&http, &stack, &[Query], 503, "Mongo stopped").await;
     assert_eq!(
-        status(&http, &stack, Mutation).await,
+        wait_dependency(&http, &stack, Gateway, "query", "failing").await,
         200,
-        "mutation does not depend on Mongo"
+        "the gateway is ready on its own"
     );
+    assert_eq!(
+        readyz(&http, &stack, Mutation).await.0,
+        200,
+        "mutation does not need Mongo"
+    );
+    write_products(&stack, 3, &mut acks, "Mongo down").await;
     mongo.start().await.unwrap();
     wait_for(
         &http,
@@ -104,16 +213,64 @@ async fn readyz_follows_postgres_kafka_and_mongo() {
     )
     .await;
 
+    // Kafka: nobody's readiness. Mutation and query report it failing (body and gauge) and stay ready, writes
+    // through the gateway keep getting their 201/200 and wait in the outbox.
     kafka.stop().await.unwrap();
-    wait_for(
-        &http,
-        &stack,
-        &[Mutation, Query, Gateway],
-        503,
-        "Kafka stopped",
-    )
-    .await;
+    for c in [Mutation, Query] {
+        assert_eq!(
+            wait_dependency(&http, &stack, c, "kafka", "failing").await,
+            200,
+            "{}: ready without Kafka",
+            c.name()
+        );
+    }
+    let m = metrics(&http, &stack, Mutation).await;
+    assert!(
+        m.contains(r#"cqrs_dependency_up{dependency="kafka"} 0"#)
+            && m.contains(r#"cqrs_dependency_up{dependency="postgres"} 1"#),
+        "{m}"
+    );
+    assert_eq!(readyz(&http, &stack, Gateway).await.0, 200);
+    let before = acks.len();
+    write_products(&stack, 10, &mut acks, "Kafka down").await;
+    let backlog = relay_backlog(&http, &stack).await.unwrap();
+    assert!(
+        backlog >= i64::try_from(acks.len() - before).unwrap(),
+        "the Kafka-down writes wait in the outbox: backlog {backlog}"
+    );
+    for c in [Mutation, Query, Gateway] {
+        assert_eq!(
+            readyz(&http, &stack, c).await.0,
+            200,
+            "{} with Kafka down",
+            c.name()
+        );
+    }
+
+    // Kafka back: the outbox drains, and every acknowledged event is in Kafka, in version order.
     kafka.start().await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let b = relay_backlog(&http, &stack).await;
+        if b == Some(0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "outbox never drained: backlog {b:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_dependency(&http, &stack, Mutation, "kafka", "ok").await;
+    let bootstrap = kafka.bootstrap();
+    let prefix = stack.config.topic_prefix.clone();
+    let kafka_acks = acks.clone();
+    let tally = tokio::task::spawn_blocking(move || check_kafka(&bootstrap, &prefix, &kafka_acks))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(tally.checked, acks.len() as u64);
+    assert!(tally.lost == 0 && tally.out_of_order == 0, "{tally:?}");
     wait_for(
         &http,
         &stack,

@@ -116,10 +116,13 @@ impl Application {
             metrics,
         });
 
+        // The gateway is ready on its own: it can proxy whatever state the upstreams are in (their readiness
+        // is their own business, and a proxied request to a down upstream is a clean 503). Their health is
+        // reported in /readyz's body and in cqrs_dependency_up only.
         let mut health = HealthState::new(registry.clone());
         for which in ["mutation", "query"] {
             let gw = gateway.clone();
-            health = health.with_check(check_fn(which, move || {
+            health = health.with_info_check(check_fn(which, move || {
                 let gw = gw.clone();
                 async move {
                     let upstream = if which == "mutation" {
