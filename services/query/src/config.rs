@@ -76,6 +76,10 @@ pub struct QueryConfig {
     /// the session timeout.
     #[arg(long, env = "QUERY_INSTANCE_ID")]
     pub instance_id: Option<String>,
+    /// `w` of every read-model write: `majority` (the default), a node count, or a replica-set tag. A reply
+    /// with a `writeConcernError` is a failed write: the batch is retried and its offsets are not committed.
+    #[arg(long, env = "QUERY_WRITE_CONCERN", default_value = "majority")]
+    pub write_concern: String,
     /// Fault injection for tests: the consumer dies after this many batches were written to MongoDB and
     /// before their offsets are committed (simulates a crash at the worst moment). Never set in production.
     #[arg(long, env = "QUERY_FAULT_CRASH_AFTER_WRITE", hide = true)]
@@ -107,6 +111,7 @@ impl QueryConfig {
             consume: true,
             change_streams: false,
             instance_id: None,
+            write_concern: "majority".into(),
             fault_crash_after_write: None,
         }
     }

@@ -13,6 +13,16 @@ pub enum QueryError {
     Config(String),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// A write command answered `ok: 1` with a `writeConcernError`: the write is not known to be durable (it
+    /// may be rolled back), so it counts as failed.
+    #[error("{command} on {collection}: write concern failed: {code} {code_name}: {message}")]
+    WriteConcern {
+        command: String,
+        collection: String,
+        code: i32,
+        code_name: String,
+        message: String,
+    },
     #[error("{0}")]
     Other(String),
 }
@@ -21,7 +31,7 @@ impl IntoResponse for QueryError {
     fn into_response(self) -> Response {
         tracing::error!(error = %self, "request failed");
         match self {
-            QueryError::Mongo(_) | QueryError::Kafka(_) => {
+            QueryError::Mongo(_) | QueryError::Kafka(_) | QueryError::WriteConcern { .. } => {
                 Problem::unavailable(format!("a dependency is unavailable: {self}"), 1)
                     .into_response()
             }

@@ -41,7 +41,9 @@ impl Application {
     pub async fn build(config: QueryConfig) -> Result<Self, QueryError> {
         let metrics =
             metrics::Metrics::new().map_err(|e| QueryError::Config(format!("metrics: {e}")))?;
-        let store = store::Store::connect(&config.mongo_url, &config.mongo_db).await?;
+        let store =
+            store::Store::connect(&config.mongo_url, &config.mongo_db, &config.write_concern)
+                .await?;
         if config.create_topics {
             let topics = cqrs_events::Topics::new(config.topic_prefix.clone());
             let mut all = topics.event_topics();

@@ -10,6 +10,7 @@ pub struct Metrics {
     pub registry: Registry,
     pub events_applied: IntCounterVec,
     pub events_skipped: IntCounterVec,
+    pub apply_failures: IntCounterVec,
     pub batch_size: HistogramVec,
     pub apply_seconds: HistogramVec,
     pub end_to_end_seconds: HistogramVec,
@@ -54,6 +55,16 @@ impl Metrics {
                         "Events skipped (duplicates: version <= doc version)",
                     ),
                     &["generation", "reason"],
+                )?,
+            ),
+            apply_failures: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "cqrs_query_apply_failures_total",
+                        "Failed attempts to apply a batch (retried; offsets not committed), by kind",
+                    ),
+                    &["generation", "kind"],
                 )?,
             ),
             batch_size: reg(

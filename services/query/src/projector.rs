@@ -141,6 +141,16 @@ async fn consume(
                 Ok(()) => break,
                 Err(e) => {
                     tracing::warn!(generation, error = %e, "applying a batch failed; retrying");
+                    let kind = match &e {
+                        QueryError::WriteConcern { .. } => "write_concern",
+                        QueryError::Mongo(_) => "mongodb",
+                        QueryError::Kafka(_) => "kafka",
+                        _ => "other",
+                    };
+                    ctx.metrics
+                        .apply_failures
+                        .with_label_values(&[generation.to_string().as_str(), kind])
+                        .inc();
                     if cancel.is_cancelled() {
                         // Not committed: the batch is redelivered to whoever consumes next.
                         return Ok(());

@@ -319,3 +319,47 @@ async fn sync_status_is_false_while_behind_and_true_when_idle_and_complete() {
     assert_eq!(s["relay"]["reachable"], false);
     svc.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_concern_error_is_a_failed_write_and_commits_no_offsets() {
+    let env = env("write-concern").await;
+    let events: Vec<_> = (0..5)
+        .map(|i| user_created(Uuid::new_v4(), &format!("wc{i}@example.com")))
+        .collect();
+    env.send_all(&events).await;
+    // `w: 5` cannot be satisfied by the one-node Mongo-wire server: it writes locally and answers `ok: 1` with a
+    // `writeConcernError`, as a primary does that steps down while waiting for a majority.
+    let mut cfg = env.config.clone();
+    cfg.write_concern = "5".into();
+    let svc = start(cfg).await;
+    let failures = || svc.metric("cqrs_query_apply_failures_total", "kind=write_concern");
+    // Whichever comes first: the batch retried (correct) or its offsets committed (the defect).
+    assert!(
+        wait_until(WAIT, || async {
+            svc.get_json("/sync-status").await["projections"][0]["lagMessages"] == 0
+                || failures() >= 3.0
+        })
+        .await,
+        "neither retried nor committed"
+    );
+    let s = svc.get_json("/sync-status").await;
+    assert_eq!(
+        s["projections"][0]["lagMessages"], 5,
+        "offsets were committed for writes whose write concern failed: {s:#}"
+    );
+    assert_eq!(s["caughtUp"], false);
+    svc.stop().await;
+
+    // With a write concern the server can satisfy, the same batch applies: nothing was skipped.
+    let svc = start(env.config.clone()).await;
+    svc.wait_caught_up().await;
+    for e in &events {
+        let r = svc.get(&format!("/user/{}", e.aggregate_id)).await;
+        assert_eq!(r.status(), 200, "{} missing", e.aggregate_id);
+    }
+    assert_eq!(
+        svc.metric("cqrs_query_apply_failures_total", "kind=write_concern"),
+        0.0
+    );
+    svc.stop().await;
+}
