@@ -392,7 +392,15 @@ async fn stream_type(State(st): State<AppState>, p: Q<StreamParams>) -> Response
 async fn sync_status(State(st): State<AppState>) -> Response {
     match st.sup.groups().await {
         Ok((serving, rebuild)) => {
-            Json(status::sync_status(&st.ctx, serving, rebuild).await).into_response()
+            let generation = serving.0;
+            let mut body = status::sync_status(&st.ctx, serving, rebuild).await;
+            // A switch during the poll: the lag above is the old generation's, not the one reads now use.
+            if st.sup.groups().await.map(|g| g.0.0).ok() != Some(generation)
+                || st.ctx.serving() != generation
+            {
+                body["caughtUp"] = Value::Bool(false);
+            }
+            Json(body).into_response()
         }
         Err(e) => e.into_response(),
     }

@@ -85,7 +85,9 @@ pub struct PartitionLag {
 }
 
 /// Lag of the inspector's group on `topics`, from the group's committed offsets (valid for every replica's
-/// partitions, not only this process's). Blocking: call from `spawn_blocking`.
+/// partitions, not only this process's). Every high watermark is read before the committed offsets, so lag 0
+/// means every message below the watermark was applied by the time the offsets were read. Blocking: call from
+/// `spawn_blocking`.
 pub fn group_lag(c: &BaseConsumer, topics: &[String]) -> Result<Vec<PartitionLag>, QueryError> {
     let mut tpl = TopicPartitionList::new();
     let mut marks = Vec::new();

@@ -107,16 +107,25 @@ pub async fn dlq_count(ctx: &Arc<Ctx>) -> Result<i64, QueryError> {
 /// partition of the serving projection has lag 0 (committed offsets = high watermarks: nothing unapplied and
 /// nothing in flight, since offsets are committed only after the write). The DLQ count is reported but does not
 /// make `caughtUp` false: dead-lettered events are handled (skipped, kept for replay), and the topic keeps them.
+///
+/// The three figures are read one after the other, downstream last: the relay backlog, then (in
+/// [`kafka::group_lag`]) the high watermarks, then the committed offsets. An event whose outbox row is gone when
+/// the backlog is read is already in Kafka (the relay deletes a row only after the broker acknowledged it), so it
+/// is below the high watermark read afterwards, and lag 0 against that watermark means it was applied. Read in
+/// any other order (or concurrently), the relay can publish and delete the row between the watermark read and
+/// the backlog read, and `caughtUp` would be true for an unapplied event (docs/READ-SIDE.md, `/sync-status`).
 pub async fn sync_status(
     ctx: &Arc<Ctx>,
     serving: (u32, String),
     rebuild: Option<(u32, String)>,
 ) -> Value {
-    let (relay, serving_lag, dlq) = tokio::join!(
-        relay_status(ctx),
-        projection_lag(ctx, "serving", serving.0, &serving.1),
-        dlq_count(ctx)
-    );
+    let upstream_first = async {
+        // The order of these two is the guarantee; the DLQ count is independent of both.
+        let relay = relay_status(ctx).await;
+        let lag = projection_lag(ctx, "serving", serving.0, &serving.1).await;
+        (relay, lag)
+    };
+    let ((relay, serving_lag), dlq) = tokio::join!(upstream_first, dlq_count(ctx));
     let mut caught_up = true;
     let relay_json = match relay {
         Ok(v) => {

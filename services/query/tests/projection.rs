@@ -363,3 +363,172 @@ async fn a_write_concern_error_is_a_failed_write_and_commits_no_offsets() {
     );
     svc.stop().await;
 }
+
+/// A relay stand-in with an outbox, shaped like mutation's relay: a row leaves the outbox only after the broker
+/// acknowledged its event. `GET /relay/status` first publishes whatever the outbox holds (slowly: the relay is
+/// busy while the status request is in flight) and then answers the remaining backlog, which is the schedule
+/// that makes a watermark read taken before the backlog read stale.
+struct OutboxRelay {
+    outbox: tokio::sync::Mutex<Vec<cqrs_events::Envelope>>,
+    /// Where each published event landed: (topic, partition, offset).
+    landed: std::sync::Mutex<std::collections::HashMap<Uuid, (String, i32, i64)>>,
+    producer: rdkafka::producer::FutureProducer,
+    topics: cqrs_events::Topics,
+}
+
+async fn outbox_relay_status(
+    axum::extract::State(r): axum::extract::State<std::sync::Arc<OutboxRelay>>,
+) -> axum::Json<serde_json::Value> {
+    use rdkafka::message::{Header, OwnedHeaders};
+    let mut outbox = r.outbox.lock().await;
+    if !outbox.is_empty() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for e in outbox.drain(..) {
+        let topic = r.topics.for_aggregate(e.aggregate_type);
+        let (key, id, value) = (e.aggregate_id.to_string(), e.id.to_string(), e.to_json());
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: cqrs_events::HEADER_EVENT_TYPE,
+                value: Some(e.event_type().as_str()),
+            })
+            .insert(Header {
+                key: cqrs_events::HEADER_EVENT_ID,
+                value: Some(id.as_str()),
+            });
+        let delivery = r
+            .producer
+            .send(
+                rdkafka::producer::FutureRecord::to(&topic)
+                    .key(&key)
+                    .payload(&value)
+                    .headers(headers),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+        let (partition, offset) = (delivery.partition, delivery.offset);
+        r.landed
+            .lock()
+            .unwrap()
+            .insert(e.aggregate_id, (topic, partition, offset));
+    }
+    axum::Json(
+        serde_json::json!({"backlog": outbox.len(), "oldestAgeSeconds": 0.0,
+                                  "leader": true, "publishedTotal": 0}),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_status_never_says_caught_up_before_an_acknowledged_write_is_applied() {
+    use std::sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    };
+    let env = env("sync-status-order").await;
+    let relay = Arc::new(OutboxRelay {
+        outbox: tokio::sync::Mutex::new(Vec::new()),
+        landed: Mutex::new(std::collections::HashMap::new()),
+        producer: env.producer.clone(),
+        topics: env.topics.clone(),
+    });
+    let app = axum::Router::new()
+        .route("/relay/status", axum::routing::get(outbox_relay_status))
+        .with_state(relay.clone());
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_port = l.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(l, app).await });
+    let mut cfg = env.config.clone();
+    cfg.mutation_url = format!("http://127.0.0.1:{relay_port}");
+    let svc = Arc::new(start(cfg).await);
+
+    // Acknowledged writes (in the outbox), in order.
+    let acked: Arc<Mutex<Vec<Uuid>>> = Arc::new(Mutex::new(Vec::new()));
+    let polls_started = Arc::new(AtomicU64::new(0));
+    // Number (1-based) of the latest poll that answered caughtUp.
+    let last_caught_up = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let poller = {
+        let (svc, acked, relay) = (svc.clone(), acked.clone(), relay.clone());
+        let (polls_started, last_caught_up, stop) =
+            (polls_started.clone(), last_caught_up.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut caught_up_polls, mut checked) = (0u64, 0usize);
+            while !stop.load(Ordering::SeqCst) {
+                let before: Vec<Uuid> = acked.lock().unwrap().clone();
+                let n = polls_started.fetch_add(1, Ordering::SeqCst) + 1;
+                let s = svc.get_json("/sync-status").await;
+                if s["caughtUp"] != true {
+                    continue;
+                }
+                caught_up_polls += 1;
+                let committed: std::collections::HashMap<(String, i64), i64> = s["projections"][0]
+                    ["partitions"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| {
+                        (
+                            (
+                                p["topic"].as_str().unwrap().to_owned(),
+                                p["partition"].as_i64().unwrap(),
+                            ),
+                            p["committed"].as_i64().unwrap(),
+                        )
+                    })
+                    .collect();
+                for id in &before {
+                    let landed = relay.landed.lock().unwrap().get(id).cloned();
+                    let Some((topic, partition, offset)) = landed else {
+                        panic!("poll {n}: caughtUp while {id} was still in the outbox: {s:#}");
+                    };
+                    let c = committed[&(topic.clone(), i64::from(partition))];
+                    assert!(
+                        offset < c,
+                        "poll {n}: caughtUp, but {id} ({topic}/{partition}@{offset}), acknowledged before \
+                         the poll started, was not applied (committed {c}): {s:#}"
+                    );
+                    assert_eq!(
+                        svc.get(&format!("/user/{id}")).await.status(),
+                        200,
+                        "poll {n}: caughtUp, but {id} is not readable"
+                    );
+                }
+                checked += before.len();
+                last_caught_up.store(n, Ordering::SeqCst);
+            }
+            (caught_up_polls, checked)
+        })
+    };
+
+    // Writes flow in bursts; after each burst the next one waits for a poll that started afterwards and said
+    // caughtUp (so the polls that race the relay's publishing are followed by checked caughtUp answers).
+    let mut written = 0usize;
+    for round in 0..30usize {
+        {
+            let mut outbox = relay.outbox.lock().await;
+            for i in 0..(round % 4 + 1) {
+                let id = Uuid::new_v4();
+                outbox.push(user_created(id, &format!("r{round}-{i}@example.com")));
+                acked.lock().unwrap().push(id);
+                written += 1;
+            }
+        }
+        let after = polls_started.load(Ordering::SeqCst);
+        assert!(
+            wait_until(WAIT, || async {
+                poller.is_finished() || last_caught_up.load(Ordering::SeqCst) > after
+            })
+            .await,
+            "round {round}: never caught up"
+        );
+        if poller.is_finished() {
+            break;
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    let (caught_up_polls, checked) = poller.await.unwrap();
+    assert!(caught_up_polls >= 30, "{caught_up_polls} caughtUp answers");
+    assert!(checked >= written, "{checked} checks for {written} writes");
+    Arc::try_unwrap(svc).ok().unwrap().stop().await;
+}
