@@ -23,6 +23,9 @@ pub enum QueryError {
         code_name: String,
         message: String,
     },
+    /// Temporarily impossible (e.g. another replica holds a drop of the generation): 503, retry later.
+    #[error("{0}")]
+    Busy(String),
     #[error("{0}")]
     Other(String),
 }
@@ -35,6 +38,7 @@ impl IntoResponse for QueryError {
                 Problem::unavailable(format!("a dependency is unavailable: {self}"), 1)
                     .into_response()
             }
+            QueryError::Busy(m) => Problem::unavailable(m, 1).into_response(),
             _ => Problem::internal(self.to_string()).into_response(),
         }
     }

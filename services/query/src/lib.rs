@@ -100,6 +100,11 @@ impl Application {
         self.port
     }
 
+    /// The projection supervisor (rebuilds, generation drops), for tests and tools.
+    pub fn supervisor(&self) -> Arc<rebuild::Supervisor> {
+        self.sup.clone()
+    }
+
     /// Shared state, for tests and tools (metrics, the fault-injection flag, the serving generation).
     pub fn ctx(&self) -> Arc<Ctx> {
         self.ctx.clone()

@@ -2,8 +2,8 @@
 //!
 //! The `_meta` collection holds one document, `{_id: "projection"}`:
 //! `{serving: G, servingGroup, rebuild: null | {generation, group, state, startedAt, finishedAt,
-//! previousGeneration}, pendingDrops: [{generation, dropAfter}]}`. It is the single source of truth shared by
-//! every replica; each replica's supervisor re-reads it every `meta_poll_ms` and reconciles its local projectors
+//! previousGeneration}, pendingDrops: [{generation, dropAfter}], dropping: [{generation, claimedAt}]}`. It is
+//! the single source of truth shared by every replica; each replica's supervisor re-reads it every `meta_poll_ms` and reconciles its local projectors
 //! (one for the serving generation, one for a running rebuild). The switch is one single-document update
 //! (atomic in MongoDB), guarded by `rebuild.state == "running"`, so exactly one replica performs it.
 
@@ -19,6 +19,11 @@ const META_ID: &str = "projection";
 /// Collections of a cancelled rebuild are dropped this long after the cancel, once every replica has stopped
 /// writing to them.
 const CANCEL_DROP_DELAY: Duration = Duration::from_secs(10);
+/// A drop claimed longer ago than this is taken to have died with its replica: the claim is released (and the
+/// drop rescheduled, or taken over by a rebuild of that generation, which drops the collections itself).
+const DROP_LEASE: Duration = Duration::from_secs(120);
+/// How long starting a rebuild waits for a drop of the same generation that another replica is performing.
+const DROP_WAIT: Duration = Duration::from_secs(30);
 /// How often the supervisor refreshes the consumer-lag and DLQ gauges.
 const GAUGE_PERIOD: Duration = Duration::from_secs(5);
 
@@ -36,6 +41,9 @@ pub struct Meta {
     pub serving_group: String,
     pub rebuild: Option<RebuildMeta>,
     pub pending_drops: Vec<(u32, i64)>,
+    /// Drops in progress: (generation, claimedAt ms). A rebuild of such a generation cannot start until the
+    /// drop has finished (or its claim went stale, see [`DROP_LEASE`]).
+    pub dropping: Vec<(u32, i64)>,
 }
 
 fn as_u32(b: Option<&Bson>) -> Option<u32> {
@@ -78,11 +86,23 @@ impl Meta {
                     .collect()
             })
             .unwrap_or_default();
+        let dropping = d
+            .get_array("dropping")
+            .map(|a| {
+                a.iter()
+                    .filter_map(|e| e.as_document())
+                    .filter_map(|e| {
+                        Some((as_u32(e.get("generation"))?, as_i64(e.get("claimedAt"))?))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         Ok(Self {
             serving,
             serving_group,
             rebuild,
             pending_drops,
+            dropping,
         })
     }
 
@@ -235,25 +255,117 @@ impl Supervisor {
             }
             let _ = status::dlq_count(&self.ctx).await;
         }
-        let now = chrono::Utc::now().timestamp_millis();
+        self.apply_drops(&meta, chrono::Utc::now().timestamp_millis())
+            .await?;
+        Ok(())
+    }
+
+    /// Drops the collections of the generations in `meta.pendingDrops` whose time has come (`now`, ms).
+    ///
+    /// `meta` may be stale (it was read before slow Kafka calls, or on a replica that is behind), so it only
+    /// nominates candidates: each drop is first claimed with one conditional update of the *current* `_meta`
+    /// document — the entry must still be pending and due, the generation must not be serving and must not be
+    /// the running rebuild — which moves it from `pendingDrops` to `dropping`. Only the claimer drops, and
+    /// removes the claim afterwards. A rebuild of that generation starts only when no claim for it exists
+    /// ([`Self::start_rebuild`]), so a drop never runs while a rebuild of the same generation is live.
+    pub async fn apply_drops(&self, meta: &Meta, now: i64) -> Result<(), QueryError> {
         for (g, after) in &meta.pending_drops {
-            if *after <= now && *g != self.ctx.serving() {
+            if *after > now || *g == meta.serving {
+                continue;
+            }
+            let g64 = i64::from(*g);
+            let claimed = self
+                .ctx
+                .store
+                .meta()
+                .update_one(
+                    doc! {
+                        "_id": META_ID,
+                        "serving": {"$ne": g64},
+                        "pendingDrops": {"$elemMatch": {"generation": g64, "dropAfter": {"$lte": now}}},
+                        "dropping.generation": {"$ne": g64},
+                        "$or": [{"rebuild.generation": {"$ne": g64}}, {"rebuild.state": {"$ne": "running"}}],
+                    },
+                    doc! {
+                        "$pull": {"pendingDrops": {"generation": g64}},
+                        "$push": {"dropping": {"generation": g64, "claimedAt": now}},
+                    },
+                )
+                .await?;
+            if claimed.modified_count != 1 {
                 tracing::info!(
                     generation = g,
-                    "dropping the collections of a retired generation"
+                    "not dropping: the generation was restarted, is serving, or another replica drops it"
                 );
-                self.ctx.store.drop_generation(*g).await?;
+                continue;
+            }
+            tracing::info!(
+                generation = g,
+                "dropping the collections of a retired generation"
+            );
+            self.ctx.store.drop_generation(*g).await?;
+            self.ctx
+                .store
+                .meta()
+                .update_one(
+                    doc! {"_id": META_ID},
+                    doc! {"$pull": {"dropping": {"generation": g64}}},
+                )
+                .await?;
+        }
+        // A claim whose replica died mid-drop: release it and schedule the drop again (now).
+        let lease = i64::try_from(DROP_LEASE.as_millis()).unwrap_or(i64::MAX);
+        for (g, claimed_at) in &meta.dropping {
+            if now.saturating_sub(*claimed_at) < lease {
+                continue;
+            }
+            let g64 = i64::from(*g);
+            self.ctx
+                .store
+                .meta()
+                .update_one(
+                    doc! {"_id": META_ID, "dropping": {"$elemMatch": {"generation": g64, "claimedAt": *claimed_at}}},
+                    doc! {
+                        "$pull": {"dropping": {"generation": g64}},
+                        "$push": {"pendingDrops": {"generation": g64, "dropAfter": now}},
+                    },
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until no replica is dropping `generation`'s collections (claims older than [`DROP_LEASE`] are
+    /// released here: their collections are dropped again by the caller anyway).
+    async fn wait_for_drop(&self, generation: u32) -> Result<(), QueryError> {
+        let deadline = tokio::time::Instant::now() + DROP_WAIT;
+        let g64 = i64::from(generation);
+        loop {
+            let meta = Self::read_meta(&self.ctx).await?;
+            let Some((_, claimed_at)) = meta.dropping.iter().find(|(g, _)| *g == generation) else {
+                return Ok(());
+            };
+            let now = chrono::Utc::now().timestamp_millis();
+            if now.saturating_sub(*claimed_at)
+                >= i64::try_from(DROP_LEASE.as_millis()).unwrap_or(i64::MAX)
+            {
                 self.ctx
                     .store
                     .meta()
                     .update_one(
-                        doc! {"_id": META_ID},
-                        doc! {"$pull": {"pendingDrops": {"generation": i64::from(*g)}}},
+                        doc! {"_id": META_ID, "dropping": {"$elemMatch": {"generation": g64, "claimedAt": *claimed_at}}},
+                        doc! {"$pull": {"dropping": {"generation": g64}}},
                     )
                     .await?;
+                continue;
             }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(QueryError::Busy(format!(
+                    "generation {generation} is still being dropped by another replica; retry later"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Ok(())
     }
 
     async fn reconcile(&self, local: &mut Local, meta: &Meta) {
@@ -389,34 +501,47 @@ impl Supervisor {
                     }
                     self.schedule_drop(r.generation).await?;
                 }
-                // Start clean: a previous attempt at this generation may have left documents behind.
-                self.ctx
-                    .store
-                    .meta()
-                    .update_one(
-                        doc! {"_id": META_ID},
-                        doc! {"$pull": {"pendingDrops": {"generation": i64::from(generation)}}},
-                    )
-                    .await
-                    .map_err(QueryError::from)?;
-                self.ctx.store.drop_generation(generation).await?;
                 let group = format!(
                     "{}.query.g{generation}.{}",
                     self.ctx.topics.prefix(),
                     &uuid::Uuid::new_v4().simple().to_string()[..8]
                 );
-                self.ctx
-                    .store
-                    .meta()
-                    .update_one(
-                        doc! {"_id": META_ID},
-                        doc! {"$set": {"rebuild": {
-                            "generation": i64::from(generation), "group": &group, "state": "running",
-                            "startedAt": chrono::Utc::now().to_rfc3339(),
-                        }}},
-                    )
-                    .await
-                    .map_err(QueryError::from)?;
+                let g64 = i64::from(generation);
+                let mut attempts = 0;
+                loop {
+                    attempts += 1;
+                    // Start clean: a previous attempt at this generation may have left documents behind.
+                    self.wait_for_drop(generation).await?;
+                    self.ctx.store.drop_generation(generation).await?;
+                    // Cancelling the generation's pending drop and starting the rebuild is one update, and it
+                    // happens only if no replica claimed a drop of this generation meanwhile (see
+                    // `apply_drops`): once it is done, nothing drops these collections while the rebuild runs.
+                    let started = self
+                        .ctx
+                        .store
+                        .meta()
+                        .update_one(
+                            doc! {"_id": META_ID, "dropping.generation": {"$ne": g64}},
+                            doc! {
+                                "$pull": {"pendingDrops": {"generation": g64}},
+                                "$set": {"rebuild": {
+                                    "generation": g64, "group": &group, "state": "running",
+                                    "startedAt": chrono::Utc::now().to_rfc3339(),
+                                }},
+                            },
+                        )
+                        .await
+                        .map_err(QueryError::from)?;
+                    if started.matched_count == 1 {
+                        break;
+                    }
+                    if attempts >= 10 {
+                        return Err(QueryError::Busy(format!(
+                            "generation {generation} keeps being dropped by another replica; retry later"
+                        ))
+                        .into());
+                    }
+                }
                 local.progress = Some((0.0, -1));
                 tracing::info!(generation, %group, "rebuild started");
             }

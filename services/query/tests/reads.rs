@@ -517,3 +517,78 @@ async fn change_streams_feed_live_streams_of_a_read_only_replica() {
     reader.stop().await;
     writer.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_pending_drop_never_wipes_a_restarted_rebuild() {
+    use cqrs_query::rebuild::Supervisor;
+    use mongodb::bson::{Document, doc};
+    let env = env("drop-restart").await;
+    // An event nobody consumes (a replica without apply loops): the rebuild's lag stays above 0, so it never
+    // switches, and the test writes the rebuild's documents itself.
+    env.send(&user_created(Uuid::new_v4(), "a@example.com"))
+        .await;
+    let mut cfg = env.config.clone();
+    cfg.consume = false;
+    let svc = start(cfg).await;
+    let users_g2 = env.mongo.collection::<Document>("users_g2");
+    let rebuild = |method: reqwest::Method| {
+        svc.http
+            .request(method, svc.url("/admin/projections/rebuild"))
+            .json(&json!({"generation": 2}))
+            .send()
+    };
+    assert_eq!(rebuild(reqwest::Method::POST).await.unwrap().status(), 202);
+    let r = rebuild(reqwest::Method::DELETE).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["rebuild"]["state"],
+        "cancelled"
+    );
+
+    // What a supervisor tick reads before its slow Kafka calls: generation 2's drop is pending.
+    let stale = Supervisor::read_meta(&svc.ctx).await.unwrap();
+    let due = stale
+        .pending_drops
+        .iter()
+        .find(|(g, _)| *g == 2)
+        .expect("drop of the cancelled generation is scheduled")
+        .1;
+    // Meanwhile generation 2 is started again, and its rebuild writes documents.
+    let r = rebuild(reqwest::Method::POST).await.unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["rebuild"]["state"],
+        "running"
+    );
+    users_g2
+        .insert_one(doc! {"_id": Uuid::new_v4().to_string(), "version": 1_i64})
+        .await
+        .unwrap();
+    // The tick goes on with what it read, at a time the old drop is due.
+    svc.sup.apply_drops(&stale, due).await.unwrap();
+    assert_eq!(
+        users_g2.count_documents(doc! {}).await.unwrap(),
+        1,
+        "the restarted rebuild's collections were dropped"
+    );
+    let meta = Supervisor::read_meta(&svc.ctx).await.unwrap();
+    assert_eq!(meta.running_rebuild().map(|r| r.generation), Some(2));
+    assert!(meta.pending_drops.iter().all(|(g, _)| *g != 2), "{meta:?}");
+    assert!(meta.dropping.is_empty(), "{meta:?}");
+
+    // A drop that is still wanted does happen: cancel again; once due, the collections go.
+    assert_eq!(
+        rebuild(reqwest::Method::DELETE).await.unwrap().status(),
+        200
+    );
+    let meta = Supervisor::read_meta(&svc.ctx).await.unwrap();
+    let due = meta.pending_drops.iter().find(|(g, _)| *g == 2).unwrap().1;
+    svc.sup.apply_drops(&meta, due).await.unwrap();
+    assert_eq!(users_g2.count_documents(doc! {}).await.unwrap(), 0);
+    let meta = Supervisor::read_meta(&svc.ctx).await.unwrap();
+    assert!(
+        meta.pending_drops.is_empty() && meta.dropping.is_empty(),
+        "{meta:?}"
+    );
+    svc.stop().await;
+}

@@ -96,6 +96,7 @@ async fn relay_stub(backlog: Arc<AtomicI64>) -> u16 {
 pub struct Running {
     pub port: u16,
     pub ctx: Arc<Ctx>,
+    pub sup: Arc<cqrs_query::rebuild::Supervisor>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     join: JoinHandle<()>,
     pub http: reqwest::Client,
@@ -167,6 +168,7 @@ pub async fn start(config: QueryConfig) -> Running {
     let app = Application::build(config).await.unwrap();
     let port = app.port();
     let ctx = app.ctx();
+    let sup = app.supervisor();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let join = tokio::spawn(async move {
         app.run_until_stopped(async move {
@@ -178,6 +180,7 @@ pub async fn start(config: QueryConfig) -> Running {
     Running {
         port,
         ctx,
+        sup,
         stop: Some(tx),
         join,
         http: reqwest::Client::new(),
