@@ -17,11 +17,6 @@ use cqrs_common::Problem;
 use cqrs_events::AggregateType;
 use futures::{Stream, StreamExt};
 use mongodb::bson::Document;
-use rdkafka::{
-    Message,
-    message::{Header, Headers, OwnedHeaders},
-    producer::FutureRecord,
-};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
@@ -442,84 +437,70 @@ async fn dlq_list(State(st): State<AppState>, p: Q<DlqParams>) -> Response {
 }
 
 #[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub struct ReplayBody {
-    /// Entries to replay, by DLQ partition and offset; all entries when absent.
+    /// Entries to replay, by DLQ partition and offset; all entries not replayed yet when absent.
     entries: Option<Vec<ReplayEntry>>,
 }
 
 #[derive(Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
 pub struct ReplayEntry {
     partition: i32,
     offset: i64,
 }
 
+#[derive(Debug, Deserialize)]
+pub struct ReplayParams {
+    max: Option<String>,
+}
+
 /// Re-publishes DLQ entries to their source topic with their original key, value and headers (e.g. after a
-/// fix, or once a missing predecessor exists). The DLQ is a log: replayed entries stay in it; applying an event
-/// twice is a no-op (version guards), and one that is still poison comes back to the DLQ.
-async fn dlq_replay(State(st): State<AppState>, body: Option<Json<ReplayBody>>) -> Response {
-    let body = body.map(|Json(b)| b).unwrap_or_default();
-    let (bootstrap, topic) = (st.ctx.config.kafka_bootstrap.clone(), st.ctx.topics.dlq());
-    let entries =
-        match tokio::task::spawn_blocking(move || kafka::read_dlq(&bootstrap, &topic, 100_000))
-            .await
-        {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => return e.into_response(),
-            Err(e) => return QueryError::Other(e.to_string()).into_response(),
-        };
-    let selected: Vec<_> = entries
-        .into_iter()
-        .filter(|e| {
-            body.entries.as_ref().is_none_or(|want| {
-                want.contains(&ReplayEntry {
-                    partition: e.partition,
-                    offset: e.offset,
-                })
-            })
-        })
-        .collect();
-    let mut replayed = Vec::new();
-    let mut skipped = Vec::new();
-    for e in &selected {
-        let (Some(src), Some(raw)) = (e.source_topic.as_deref(), e.raw.as_ref()) else {
-            skipped.push(
-                json!({"partition": e.partition, "offset": e.offset, "reason": "no source topic"}),
-            );
-            continue;
-        };
-        if st.ctx.topics.aggregate_of(src).is_none() {
-            skipped.push(json!({"partition": e.partition, "offset": e.offset, "reason": "source is not an event topic"}));
-            continue;
+/// fix, or once a missing predecessor exists). Without `entries`, every entry after the durable replay cursor
+/// (each entry once; see [`crate::dlq`]). `?max=n` bounds the entries of one request. 200 when the request's
+/// range is done (`complete: true`); 202 with `complete: false` and `counts.remaining` when it stopped at `max`
+/// or at the time budget (call again to continue); 503 when another replay is running.
+async fn dlq_replay(
+    State(st): State<AppState>,
+    p: Q<ReplayParams>,
+    body: Result<Option<Json<ReplayBody>>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let p = match query_params(p) {
+        Ok(p) => p,
+        Err(r) => return *r,
+    };
+    let max = match p.max.as_deref().map(str::parse::<usize>) {
+        None => usize::MAX,
+        Some(Ok(n)) if n >= 1 => n,
+        Some(_) => return Problem::bad_request("max must be a positive integer").into_response(),
+    };
+    let body = match body {
+        Ok(b) => b.map(|Json(b)| b).unwrap_or_default(),
+        Err(e) => {
+            return Problem::bad_request(format!(
+                "expected {{\"entries\": [{{\"partition\": p, \"offset\": o}}, ...]}} or no body: {e}"
+            ))
+            .into_response();
         }
-        let mut headers = OwnedHeaders::new();
-        if let Some(hs) = raw.headers() {
-            for h in hs.iter().filter(|h| !h.key.starts_with("dlq-")) {
-                headers = headers.insert(Header {
-                    key: h.key,
-                    value: h.value,
-                });
-            }
+    };
+    let result = match &body.entries {
+        None => crate::dlq::replay_all(&st.ctx, max).await,
+        Some(want) => {
+            let wanted: Vec<(i32, i64)> = want.iter().map(|e| (e.partition, e.offset)).collect();
+            crate::dlq::replay_entries(&st.ctx, &wanted).await
         }
-        let from = format!("{}:{}", e.partition, e.offset);
-        headers = headers.insert(Header {
-            key: "dlq-replayed-from",
-            value: Some(from.as_str()),
-        });
-        let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(src).headers(headers);
-        if let Some(k) = raw.key() {
-            rec = rec.key(k);
+    };
+    match result {
+        Ok(r) => {
+            let status = if r.complete {
+                StatusCode::OK
+            } else {
+                StatusCode::ACCEPTED
+            };
+            (status, Json(r.to_json())).into_response()
         }
-        if let Some(v) = raw.payload() {
-            rec = rec.payload(v);
-        }
-        match st.ctx.producer.send(rec, kafka::TIMEOUT).await {
-            Ok(_) => {
-                replayed.push(json!({"partition": e.partition, "offset": e.offset, "topic": src}))
-            }
-            Err((err, _)) => return QueryError::Kafka(err).into_response(),
-        }
+        Err(e) => e.into_response(),
     }
-    Json(json!({"replayed": replayed, "skipped": skipped})).into_response()
 }
 
 async fn projections(State(st): State<AppState>) -> Response {

@@ -21,6 +21,9 @@ pub const H_DLQ_TOPIC: &str = "dlq-source-topic";
 pub const H_DLQ_PARTITION: &str = "dlq-source-partition";
 pub const H_DLQ_OFFSET: &str = "dlq-source-offset";
 pub const H_DLQ_GROUP: &str = "dlq-consumer-group";
+/// Set on an event re-published by a DLQ replay: `<dlq partition>:<dlq offset>` it came from. Kept when the
+/// replayed event is dead-lettered again, so the new entry says which one it repeats.
+pub const H_DLQ_REPLAYED_FROM: &str = "dlq-replayed-from";
 
 pub fn client_config(bootstrap: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
@@ -141,6 +144,8 @@ pub struct DlqEntry {
     pub source_topic: Option<String>,
     pub source_partition: Option<i32>,
     pub source_offset: Option<i64>,
+    /// `<partition>:<offset>` of the DLQ entry this one repeats (a replayed event that was still poison).
+    pub replayed_from: Option<String>,
     pub key: Option<String>,
     /// The original value as text (lossy for non-UTF-8 bytes).
     pub value: Option<String>,
@@ -155,6 +160,97 @@ pub fn header_str(m: &OwnedMessage, name: &str) -> Option<String> {
         .last()
         .and_then(|h| h.value)
         .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// A DLQ entry from the message it is.
+pub fn dlq_entry(m: OwnedMessage) -> DlqEntry {
+    DlqEntry {
+        partition: m.partition(),
+        offset: m.offset(),
+        reason: header_str(&m, H_DLQ_REASON),
+        source_topic: header_str(&m, H_DLQ_TOPIC),
+        source_partition: header_str(&m, H_DLQ_PARTITION).and_then(|s| s.parse().ok()),
+        source_offset: header_str(&m, H_DLQ_OFFSET).and_then(|s| s.parse().ok()),
+        replayed_from: header_str(&m, H_DLQ_REPLAYED_FROM),
+        key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+        value: m.payload().map(|v| String::from_utf8_lossy(v).into_owned()),
+        raw: Some(m),
+    }
+}
+
+/// `(partition, low, high)` of every partition of `topic`. Blocking.
+pub fn watermarks(c: &BaseConsumer, topic: &str) -> Result<Vec<(i32, i64, i64)>, QueryError> {
+    let mut out = Vec::new();
+    for p in partitions_of(c, topic)? {
+        let (low, high) = c.fetch_watermarks(topic, p, TIMEOUT)?;
+        out.push((p, low, high));
+    }
+    Ok(out)
+}
+
+/// Per partition, the offset a read got to (exclusive).
+pub type Reached = Vec<(i32, i64)>;
+
+/// Reads the entries of `topic` in `[from, to)` of each given partition, in offset order per partition, at most
+/// `max` in total, until `deadline`. Returns the entries (sorted by partition and offset) and, per partition, the
+/// offset the read got to (exclusive): everything in `[from, reached)` was read, so a caller can resume there.
+/// Blocking.
+pub fn read_range(
+    bootstrap: &str,
+    topic: &str,
+    ranges: &[(i32, i64, i64)],
+    max: usize,
+    deadline: std::time::Instant,
+) -> Result<(Vec<DlqEntry>, Reached), QueryError> {
+    let mut reached: std::collections::BTreeMap<i32, (i64, i64)> = ranges
+        .iter()
+        .filter(|(_, from, to)| from < to)
+        .map(|(p, from, to)| (*p, (*from, *to)))
+        .collect();
+    let mut out = Vec::new();
+    if reached.is_empty() || max == 0 {
+        return Ok((out, ranges.iter().map(|(p, from, _)| (*p, *from)).collect()));
+    }
+    let c: BaseConsumer = client_config(bootstrap)
+        .set("group.id", "cqrs-query-dlq-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for (p, (from, _)) in &reached {
+        tpl.add_partition_offset(topic, *p, Offset::Offset(*from))?;
+    }
+    c.assign(&tpl)?;
+    let done =
+        |r: &std::collections::BTreeMap<i32, (i64, i64)>| r.values().all(|(at, to)| at >= to);
+    while !done(&reached) && out.len() < max && std::time::Instant::now() < deadline {
+        match c.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                let m = m.detach();
+                let Some((at, to)) = reached.get_mut(&m.partition()) else {
+                    continue;
+                };
+                if m.offset() < *at || *at >= *to {
+                    continue;
+                }
+                if m.offset() >= *to {
+                    // Beyond the range (offsets may skip over compacted or control records).
+                    *at = *to;
+                    continue;
+                }
+                *at = m.offset() + 1;
+                out.push(dlq_entry(m));
+            }
+            Some(Err(e)) => return Err(e.into()),
+            None => {}
+        }
+    }
+    out.sort_by_key(|e| (e.partition, e.offset));
+    let mut got = Vec::new();
+    for (p, from, _) in ranges {
+        got.push((*p, reached.get(p).map(|(at, _)| *at).unwrap_or(*from)));
+    }
+    Ok((out, got))
 }
 
 /// Reads up to `limit` entries of the DLQ from the beginning, without a consumer group. Blocking.
@@ -182,20 +278,7 @@ pub fn read_dlq(bootstrap: &str, topic: &str, limit: usize) -> Result<Vec<DlqEnt
     let deadline = std::time::Instant::now() + TIMEOUT;
     while out.len() < want && std::time::Instant::now() < deadline {
         match c.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => {
-                let m = m.detach();
-                out.push(DlqEntry {
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    reason: header_str(&m, H_DLQ_REASON),
-                    source_topic: header_str(&m, H_DLQ_TOPIC),
-                    source_partition: header_str(&m, H_DLQ_PARTITION).and_then(|s| s.parse().ok()),
-                    source_offset: header_str(&m, H_DLQ_OFFSET).and_then(|s| s.parse().ok()),
-                    key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                    value: m.payload().map(|v| String::from_utf8_lossy(v).into_owned()),
-                    raw: Some(m),
-                });
-            }
+            Some(Ok(m)) => out.push(dlq_entry(m.detach())),
             Some(Err(e)) => return Err(e.into()),
             None => {}
         }

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod ctx;
+pub mod dlq;
 pub mod error;
 pub mod http;
 pub mod kafka;

@@ -22,7 +22,10 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     ctx::{Change, Ctx, Notice},
     error::QueryError,
-    kafka::{self, H_DLQ_GROUP, H_DLQ_OFFSET, H_DLQ_PARTITION, H_DLQ_REASON, H_DLQ_TOPIC},
+    kafka::{
+        self, H_DLQ_GROUP, H_DLQ_OFFSET, H_DLQ_PARTITION, H_DLQ_REASON, H_DLQ_REPLAYED_FROM,
+        H_DLQ_TOPIC,
+    },
     model,
 };
 
@@ -451,7 +454,8 @@ async fn dead_letter(
     let sends = poison.iter().map(|(m, reason)| {
         let mut headers = OwnedHeaders::new();
         if let Some(hs) = m.headers() {
-            for h in hs.iter().filter(|h| !h.key.starts_with("dlq-")) {
+            // A replayed event keeps `dlq-replayed-from`: its new entry says which entry it repeats.
+            for h in hs.iter().filter(|h| !h.key.starts_with("dlq-") || h.key == H_DLQ_REPLAYED_FROM) {
                 headers = headers.insert(Header { key: h.key, value: h.value });
             }
         }

@@ -532,3 +532,167 @@ async fn sync_status_never_says_caught_up_before_an_acknowledged_write_is_applie
     assert!(checked >= written, "{checked} checks for {written} writes");
     Arc::try_unwrap(svc).ok().unwrap().stop().await;
 }
+
+/// `POST /admin/dlq/replay` (replay-all), optionally with `?max=`; returns (status, body).
+async fn replay_all(svc: &Running, max: Option<usize>) -> (u16, serde_json::Value) {
+    let url = match max {
+        Some(m) => svc.url(&format!("/admin/dlq/replay?max={m}")),
+        None => svc.url("/admin/dlq/replay"),
+    };
+    let r = svc.http.post(url).send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap())
+}
+
+async fn dlq_count(svc: &Running) -> i64 {
+    svc.get_json("/admin/dlq?limit=1").await["count"]
+        .as_i64()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_replay_replays_each_of_10000_entries_once_and_reports_partial_replays() {
+    use futures::StreamExt;
+    let env = env("dlq-replay-10k").await;
+    let mut cfg = env.config.clone();
+    cfg.gap_hold_ms = 50;
+    let svc = start(cfg.clone()).await;
+    // 10,000 dead letters: 9,000 that stay poison (undecodable) and 1,000 version gaps (version 2 of users whose
+    // version 1 arrives later).
+    let healed: Vec<Uuid> = (0..1000).map(|_| Uuid::new_v4()).collect();
+    let gaps: Vec<_> = healed
+        .iter()
+        .map(|id| user_updated(*id, 2, &format!("{id}@example.com"), "Healed"))
+        .collect();
+    futures::stream::iter(0..9000)
+        .for_each_concurrent(500, |i| {
+            let env = &env;
+            async move {
+                env.send_raw(AggregateType::User, &format!("k{i}"), b"not an event")
+                    .await
+            }
+        })
+        .await;
+    futures::stream::iter(&gaps)
+        .for_each_concurrent(500, |e| env.send(e))
+        .await;
+    assert!(
+        wait_until(WAIT * 2, || async { dlq_count(&svc).await == 10_000 }).await,
+        "DLQ has {} entries",
+        dlq_count(&svc).await
+    );
+    // The fix: the missing version 1 of each gapped user.
+    futures::stream::iter(&healed)
+        .for_each_concurrent(500, |id| {
+            let env = &env;
+            async move {
+                env.send(&user_created(*id, &format!("{id}@example.com")))
+                    .await
+            }
+        })
+        .await;
+    let users = env.mongo.collection::<mongodb::bson::Document>("users_g1");
+    assert!(
+        wait_until(WAIT, || async {
+            users.count_documents(doc! {}).await.unwrap() == 1000
+        })
+        .await
+    );
+
+    svc.stop().await;
+
+    // Replays are served by a replica without apply loops, so that nothing is dead-lettered again while they
+    // run and the counts are exact.
+    let mut admin_cfg = cfg.clone();
+    admin_cfg.consume = false;
+    let admin = start(admin_cfg.clone()).await;
+    // A bounded request replays part and says so.
+    let (status, body) = replay_all(&admin, Some(4000)).await;
+    assert_eq!(status, 202, "{body:#}");
+    assert_eq!(body["complete"], false);
+    let first = body["counts"]["replayed"].as_i64().unwrap();
+    assert!((1..=4000).contains(&first), "{body:#}");
+    assert_eq!(body["counts"]["skipped"], 0);
+    assert_eq!(
+        body["counts"]["remaining"].as_i64().unwrap(),
+        10_000 - first
+    );
+    // The cursor is durable: another process continues where this one stopped.
+    admin.stop().await;
+    let admin = start(admin_cfg).await;
+    let mut total = first;
+    let mut calls = 0;
+    loop {
+        calls += 1;
+        assert!(calls <= 20, "replay never completed");
+        let (status, body) = replay_all(&admin, None).await;
+        total += body["counts"]["replayed"].as_i64().unwrap();
+        assert_eq!(
+            body["counts"]["remaining"].as_i64().unwrap(),
+            10_000 - total,
+            "{body:#}"
+        );
+        if status == 200 {
+            assert_eq!(body["complete"], true);
+            break;
+        }
+        assert_eq!(
+            (status, &body["complete"]),
+            (202, &serde_json::json!(false))
+        );
+    }
+    assert_eq!(total, 10_000, "each entry replayed exactly once");
+    // Nothing new in the DLQ: replay-all has nothing to do (it used to start over at the low watermark).
+    let (status, body) = replay_all(&admin, None).await;
+    assert_eq!(status, 200, "{body:#}");
+    assert_eq!(body["counts"]["replayed"], 0, "{}", body["counts"]);
+    assert_eq!(dlq_count(&admin).await, 10_000);
+
+    // Consumed again: the gaps healed, and each still-poison entry came back exactly once.
+    let svc = start(cfg.clone()).await;
+    assert!(
+        wait_until(WAIT * 2, || async {
+            users.count_documents(doc! {"version": 2}).await.unwrap() == 1000
+                && dlq_count(&svc).await == 19_000
+        })
+        .await,
+        "healed: {}, DLQ: {}",
+        users.count_documents(doc! {"version": 2}).await.unwrap(),
+        dlq_count(&svc).await
+    );
+    svc.wait_caught_up().await;
+    assert_eq!(dlq_count(&svc).await, 19_000);
+    let listed = svc.get_json("/admin/dlq?limit=10000").await;
+    let again = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["replayedFrom"].is_string())
+        .count();
+    assert!(again > 0, "re-dead-lettered entries say what they repeat");
+    svc.stop().await;
+    // Replay-all replays only those 9,000 new entries, not the 10,000 already replayed.
+    let (status, body) = replay_all(&admin, None).await;
+    assert_eq!(status, 200, "{body:#}");
+    assert_eq!(body["counts"]["replayed"], 9000, "{}", body["counts"]);
+    assert_eq!(body["counts"]["remaining"], 0);
+    let svc = admin;
+    // Bad input is a 400 and replays nothing.
+    let r = svc
+        .http
+        .post(svc.url("/admin/dlq/replay?max=zero"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = svc
+        .http
+        .post(svc.url("/admin/dlq/replay"))
+        .header("content-type", "application/json")
+        .body(r#"{"entries": [{"partition": "x"}]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    svc.stop().await;
+}
