@@ -290,17 +290,32 @@ fn canonical(v: &Value, out: &mut String) {
     }
 }
 
-/// sha256 of method, path and body. The password is left out (a fast hash of it must never be stored); a
-/// replayed user creation instead verifies the password against the user's argon2id hash.
-fn request_hash(method: &Method, path: &str, body: Option<&Map<String, Value>>) -> String {
+/// sha256 of method, path and body (every command's: a bodiless one hashes as `{}`). The password is left out
+/// (a fast hash of it must never be stored); a replayed user creation instead verifies the password against
+/// the user's argon2id hash.
+fn request_hash(method: &Method, path: &str, body: &Map<String, Value>) -> String {
     let mut text = format!("{method} {path}\n");
-    if let Some(b) = body {
-        let mut b = b.clone();
-        b.remove("password");
-        canonical(&Value::Object(b), &mut text);
-    }
-    let digest = Sha256::digest(text.as_bytes());
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    let mut b = body.clone();
+    b.remove("password");
+    canonical(&Value::Object(b), &mut text);
+    hex(&Sha256::digest(text.as_bytes()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The verified caller the gateway forwards after checking the JWT (it always strips a client-sent one).
+const AUTH_SUBJECT: &str = "x-auth-subject";
+
+/// The stored form of an `Idempotency-Key`: scoped by the caller, so one caller can never replay (or block)
+/// another's request by reusing its key. `<sha256 of the subject>:<key>`; without a subject (auth disabled,
+/// or a direct call inside the cluster) the scope is the empty subject's.
+fn scoped_key(headers: &HeaderMap, key: &str) -> String {
+    let subject = headers
+        .get(AUTH_SUBJECT)
+        .map_or(&[][..], HeaderValue::as_bytes);
+    format!("{}:{key}", hex(&Sha256::digest(subject)))
 }
 
 fn entity_response(status: StatusCode, body: &Value, replayed: bool) -> Response {
@@ -438,13 +453,14 @@ async fn idempotency_front(
     headers: &HeaderMap,
     method: &Method,
     path: &str,
-    body: Option<&Map<String, Value>>,
+    body: &Map<String, Value>,
     password: Option<&str>,
 ) -> Result<(Option<IdemRequest>, Option<Response>), Response> {
     let key = idempotency_key(headers).map_err(IntoResponse::into_response)?;
     let Some(key) = key else {
         return Ok((None, None));
     };
+    let key = scoped_key(headers, &key);
     let hash = request_hash(method, path, body);
     let pw = password.and_then(|p| Password::parse(p).ok());
     match replay(s, &key, &hash, pw).await {
@@ -490,8 +506,7 @@ async fn create_user(State(s): State<AppState>, headers: HeaderMap, body: JsonBo
         return timer.fail(Problem::internal("validation state"));
     };
     let (idem, replayed) =
-        match idempotency_front(&s, &headers, &Method::POST, "/user", Some(o), password_text).await
-        {
+        match idempotency_front(&s, &headers, &Method::POST, "/user", o, password_text).await {
             Ok(x) => x,
             Err(res) => return timer.finish("invalid", res),
         };
@@ -644,7 +659,7 @@ async fn create_product(State(s): State<AppState>, headers: HeaderMap, body: Jso
         return timer.fail(Problem::internal("validation state"));
     };
     let (idem, replayed) =
-        match idempotency_front(&s, &headers, &Method::POST, "/product", Some(o), None).await {
+        match idempotency_front(&s, &headers, &Method::POST, "/product", o, None).await {
             Ok(x) => x,
             Err(res) => return timer.finish("invalid", res),
         };
@@ -798,7 +813,7 @@ async fn create_order(State(s): State<AppState>, headers: HeaderMap, body: JsonB
         return timer.fail(Problem::internal("validation state"));
     };
     let (idem, replayed) =
-        match idempotency_front(&s, &headers, &Method::POST, "/order", Some(o), None).await {
+        match idempotency_front(&s, &headers, &Method::POST, "/order", o, None).await {
             Ok(x) => x,
             Err(res) => return timer.finish("invalid", res),
         };
@@ -824,8 +839,9 @@ async fn cancel_order(
         Ok(x) => x,
         Err(p) => return timer.fail(p),
     };
-    // The body is optional: `{"reason": "..."}`.
+    // The body is optional: `{"reason": "..."}`; no body hashes as `{}`.
     let mut reason = None;
+    let mut object = Map::new();
     if !raw.iter().all(u8::is_ascii_whitespace) {
         if !is_json_content_type(&headers) {
             return timer.fail(Problem::new(
@@ -845,10 +861,11 @@ async fn cancel_order(
         if let Err(errors) = f.into_result() {
             return timer.fail(Problem::unprocessable("invalid cancellation", errors));
         }
+        object = body.object;
     }
     let path = format!("/order/{id}/cancel");
     let (idem, replayed) =
-        match idempotency_front(&s, &headers, &Method::POST, &path, None, None).await {
+        match idempotency_front(&s, &headers, &Method::POST, &path, &object, None).await {
             Ok(x) => x,
             Err(res) => return timer.finish("invalid", res),
         };
@@ -924,17 +941,29 @@ mod tests {
             serde_json::from_str(r#"{"email":"c@b.io","name":"A","password":"x1234567"}"#)
                 .unwrap_or_default();
         assert_eq!(
-            request_hash(&Method::POST, "/user", Some(&a)),
-            request_hash(&Method::POST, "/user", Some(&b))
+            request_hash(&Method::POST, "/user", &a),
+            request_hash(&Method::POST, "/user", &b)
         );
         assert_ne!(
-            request_hash(&Method::POST, "/user", Some(&a)),
-            request_hash(&Method::POST, "/user", Some(&c))
+            request_hash(&Method::POST, "/user", &a),
+            request_hash(&Method::POST, "/user", &c)
         );
         assert_ne!(
-            request_hash(&Method::POST, "/user", Some(&a)),
-            request_hash(&Method::POST, "/product", Some(&a))
+            request_hash(&Method::POST, "/user", &a),
+            request_hash(&Method::POST, "/product", &a)
         );
+    }
+
+    #[test]
+    fn keys_are_scoped_by_subject() {
+        let mut alice = HeaderMap::new();
+        alice.insert(AUTH_SUBJECT, HeaderValue::from_static("alice"));
+        let mut bob = HeaderMap::new();
+        bob.insert(AUTH_SUBJECT, HeaderValue::from_static("bob"));
+        assert_eq!(scoped_key(&alice, "k"), scoped_key(&alice, "k"));
+        assert_ne!(scoped_key(&alice, "k"), scoped_key(&bob, "k"));
+        assert_ne!(scoped_key(&alice, "k"), scoped_key(&HeaderMap::new(), "k"));
+        assert_ne!(scoped_key(&alice, "k"), scoped_key(&alice, "k2"));
     }
 
     #[test]

@@ -939,6 +939,118 @@ async fn idempotency_key_replays_the_first_response() {
 }
 
 #[tokio::test]
+async fn idempotency_keys_are_per_caller_and_every_body_is_hashed() {
+    captured_logs();
+    let (_env, c) = env_config("idempotency-scope").await;
+    let app = spawn(c).await;
+    // `subject`: the X-Auth-Subject the gateway sets from the verified token (None: no subject at all).
+    let send = |path: String, body: Value, key: &'static str, subject: Option<&'static str>| {
+        let mut rb = app
+            .client
+            .post(app.url(&path))
+            .header("idempotency-key", key)
+            .json(&body);
+        if let Some(s) = subject {
+            rb = rb.header("x-auth-subject", s);
+        }
+        rb.send()
+    };
+    let body = json!({"name": "Scoped", "price": "4.00"});
+    let r = send("/product".into(), body.clone(), "shared", Some("alice"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let alice: Value = r.json().await.unwrap();
+
+    // Another caller with the same key and body gets its own command executed, not alice's response.
+    let r = send("/product".into(), body.clone(), "shared", Some("bob"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert!(
+        r.headers().get("idempotent-replayed").is_none(),
+        "bob was served alice's stored response"
+    );
+    let bob: Value = r.json().await.unwrap();
+    assert_ne!(alice["id"], bob["id"]);
+    // Nor may another caller's other body be refused because of alice's key.
+    let r = send(
+        "/product".into(),
+        json!({"name": "Other", "price": "5.00"}),
+        "shared",
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::CREATED,
+        "no subject is its own scope"
+    );
+    // Each caller still gets its own replay.
+    for (who, first) in [("alice", &alice), ("bob", &bob)] {
+        let r = send("/product".into(), body.clone(), "shared", Some(who))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+        assert_eq!(r.headers()["idempotent-replayed"], "true", "{who}");
+        let b: Value = r.json().await.unwrap();
+        assert_eq!(&b, first, "{who}");
+    }
+
+    // Cancel hashes its body: the same key with another reason is a reused key (422), not a replay.
+    let user = create(
+        &app,
+        "/user",
+        json!({"email": "cancel-idem@example.com", "password": "password1"}),
+    )
+    .await;
+    let product = alice["id"].as_str().unwrap().to_owned();
+    let order = create(
+        &app,
+        "/order",
+        json!({"userId": user, "items": [{"productId": product, "quantity": 1}]}),
+    )
+    .await;
+    let path = format!("/order/{order}/cancel");
+    let r = send(
+        path.clone(),
+        json!({"reason": "too slow"}),
+        "c-1",
+        Some("alice"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let cancelled: Value = r.json().await.unwrap();
+    assert_eq!(cancelled["cancelReason"], "too slow");
+    let r = send(
+        path.clone(),
+        json!({"reason": "changed my mind"}),
+        "c-1",
+        Some("alice"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        problem(r, StatusCode::UNPROCESSABLE_ENTITY).await["type"],
+        "urn:cqrs:problem:idempotency-key-reused"
+    );
+    let r = send(
+        path.clone(),
+        json!({"reason": "too slow"}),
+        "c-1",
+        Some("alice"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["idempotent-replayed"], "true");
+    assert_eq!(r.json::<Value>().await.unwrap(), cancelled);
+    app.shutdown().await;
+}
+
+#[tokio::test]
 async fn no_password_or_hash_in_events_responses_or_logs() {
     let logs = captured_logs();
     let (env, mut c) = env_config("no-secrets").await;
