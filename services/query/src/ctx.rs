@@ -30,6 +30,8 @@ pub enum Notice {
     Changed(Arc<Change>),
     /// Reads switched to this generation.
     Switched(u32),
+    /// Changes may have been missed (the change stream's history was lost): readers must re-read.
+    Reset(Arc<String>),
 }
 
 pub struct Ctx {
@@ -50,6 +52,8 @@ pub struct Ctx {
     pub batches_written: AtomicU64,
     /// Set when the fault-injection hook made a consumer die.
     pub fault_fired: AtomicBool,
+    /// Test hooks of the change-stream watcher.
+    pub watch_probe: crate::watch::WatchProbe,
 }
 
 impl Ctx {
@@ -83,6 +87,7 @@ impl Ctx {
             http,
             batches_written: AtomicU64::new(0),
             fault_fired: AtomicBool::new(false),
+            watch_probe: crate::watch::WatchProbe::default(),
         })
     }
 

@@ -185,7 +185,9 @@ async fn get_entity(
                     break;
                 }
                 Ok(Ok(Notice::Changed(_))) => {}
-                Ok(Ok(Notice::Switched(_))) | Ok(Err(RecvError::Lagged(_))) => break,
+                Ok(Ok(Notice::Switched(_) | Notice::Reset(_))) | Ok(Err(RecvError::Lagged(_))) => {
+                    break;
+                }
                 Ok(Err(RecvError::Closed)) => {
                     return Problem::unavailable("shutting down", 1).into_response();
                 }
@@ -313,6 +315,12 @@ fn changes(
             let ev = match n {
                 Ok(Notice::Changed(c)) if filter(&c) => Some(change_event(&c)),
                 Ok(Notice::Changed(_)) => None,
+                // Changes were missed: the client re-reads (a GET, or a new stream for a snapshot).
+                Ok(Notice::Reset(reason)) => Some(
+                    Event::default()
+                        .event("reset")
+                        .data(json!({"reason": reason.as_str()}).to_string()),
+                ),
                 Ok(Notice::Switched(g)) => Some(
                     Event::default()
                         .event("generation")

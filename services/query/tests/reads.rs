@@ -592,3 +592,146 @@ async fn a_stale_pending_drop_never_wipes_a_restarted_rebuild() {
     );
     svc.stop().await;
 }
+
+/// The `change` events of a per-type stream up to the one for `last` (exclusive), as ids; panics on any other
+/// event.
+async fn changes_until(
+    stream: &mut (impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
+    buf: &mut String,
+    last: Uuid,
+) -> Vec<String> {
+    let mut seen = Vec::new();
+    loop {
+        let (ev, data) = next_event(stream, buf).await;
+        assert_eq!(ev, "change", "{data}");
+        let id = data["id"].as_str().unwrap().to_owned();
+        if id == last.to_string() {
+            return seen;
+        }
+        seen.push(id);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reopened_change_stream_resumes_and_misses_nothing() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let env = env("change-stream-resume").await;
+    let mut cfg = env.config.clone();
+    cfg.change_streams = true;
+    let svc = start(cfg).await;
+    let probe = &svc.ctx.watch_probe;
+    assert!(wait_until(WAIT, || async { probe.opened.load(SeqCst) >= 1 }).await);
+    let mut all = svc.get("/stream?type=user").await.bytes_stream();
+    let mut buf = String::new();
+    let first = Uuid::new_v4();
+    env.send(&user_created(first, "first@example.com")).await;
+    assert!(changes_until(&mut all, &mut buf, first).await.is_empty());
+
+    // The change stream closes (as after an error the driver could not resume from) and stays closed while
+    // three users are written.
+    let gate = probe.gate.lock().await;
+    probe.reopen.notify_one();
+    assert!(wait_until(WAIT, || async { probe.closed.load(SeqCst) >= 1 }).await);
+    let missed: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+    for (i, id) in missed.iter().enumerate() {
+        env.send(&user_created(*id, &format!("m{i}@example.com")))
+            .await;
+    }
+    for id in &missed {
+        assert!(
+            wait_until(WAIT, || async {
+                svc.get(&format!("/user/{id}")).await.status() == 200
+            })
+            .await
+        );
+    }
+    drop(gate);
+    // After the reopen, every change written meanwhile arrives (in the order they were applied, which across
+    // partitions is not the order they were sent) before a later one.
+    let last = Uuid::new_v4();
+    env.send(&user_created(last, "last@example.com")).await;
+    let mut seen = changes_until(&mut all, &mut buf, last).await;
+    seen.sort();
+    let mut missed: Vec<String> = missed.iter().map(Uuid::to_string).collect();
+    missed.sort();
+    assert_eq!(seen, missed, "changes made while the stream was closed");
+    assert!(probe.opened.load(SeqCst) >= 2);
+    assert_eq!(probe.resets.load(SeqCst), 0);
+    drop(all);
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_streams_are_told_to_reset_when_the_change_history_is_gone() {
+    use mongodb::bson::doc;
+    use std::sync::atomic::Ordering::SeqCst;
+    let env = env("change-stream-reset").await;
+    // A Mongo-wire server of this test's own with a short oplog (100 entries), so that history can be lost.
+    let port = cqrs_devstack::free_port().unwrap();
+    let dir = std::env::temp_dir().join(format!("cqrs-query-oplog-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = std::fs::File::create(dir.join("log")).unwrap();
+    let mut server = tokio::process::Command::new(
+        cqrs_devstack::Installer::global()
+            .mongo_exe()
+            .await
+            .unwrap(),
+    )
+    .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+    .args(["--storage-path", ":memory:", "--log-level", "WARNING"])
+    .args(["--oplog-max-entries", "100"])
+    .stdout(log.try_clone().unwrap())
+    .stderr(log)
+    .kill_on_drop(true)
+    .spawn()
+    .unwrap();
+    let url = format!("mongodb://127.0.0.1:{port}/?directConnection=true");
+    let mongo = mongodb::Client::with_uri_str(&url).await.unwrap();
+    assert!(
+        wait_until(WAIT, || async {
+            mongo
+                .database("admin")
+                .run_command(doc! {"ping": 1})
+                .await
+                .is_ok()
+        })
+        .await,
+        "the private server did not start"
+    );
+    let mut cfg = env.config.clone();
+    cfg.mongo_url = url;
+    cfg.change_streams = true;
+    let svc = start(cfg).await;
+    let probe = &svc.ctx.watch_probe;
+    assert!(wait_until(WAIT, || async { probe.opened.load(SeqCst) >= 1 }).await);
+    let mut all = svc.get("/stream?type=user").await.bytes_stream();
+    let mut buf = String::new();
+    let first = Uuid::new_v4();
+    env.send(&user_created(first, "first@example.com")).await;
+    assert!(changes_until(&mut all, &mut buf, first).await.is_empty());
+
+    // While the stream is closed, 3,000 other writes push its resume point out of the oplog.
+    let gate = probe.gate.lock().await;
+    probe.reopen.notify_one();
+    assert!(wait_until(WAIT, || async { probe.closed.load(SeqCst) >= 1 }).await);
+    let scratch = mongo
+        .database(&env.config.mongo_db)
+        .collection::<mongodb::bson::Document>("scratch");
+    for chunk in 0..3 {
+        let docs: Vec<_> = (0..1000).map(|i| doc! {"chunk": chunk, "i": i}).collect();
+        scratch.insert_many(docs).await.unwrap();
+    }
+    drop(gate);
+    // The client is told, instead of silently missing changes; then the stream goes on.
+    let (ev, data) = next_event(&mut all, &mut buf).await;
+    assert_eq!(ev, "reset", "{data}");
+    assert!(data["reason"].as_str().unwrap().contains("286"), "{data}");
+    let last = Uuid::new_v4();
+    env.send(&user_created(last, "last@example.com")).await;
+    assert!(changes_until(&mut all, &mut buf, last).await.is_empty());
+    assert_eq!(probe.resets.load(SeqCst), 1);
+    drop(all);
+    svc.stop().await;
+    server.kill().await.unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
