@@ -21,11 +21,11 @@ use kube::{
     Api, Client, Resource, ResourceExt,
     api::{ApiResource, DynamicObject, Patch, PatchParams},
     runtime::{
-        Controller,
+        Controller, Predicate, PredicateConfig, WatchStreamExt,
         controller::Action,
         events::{Event, EventType, Recorder, Reporter},
         finalizer::{self, finalizer},
-        watcher,
+        predicates, reflector, watcher,
     },
 };
 use serde::{Serialize, de::DeserializeOwned};
@@ -98,6 +98,8 @@ pub struct Config {
     /// Periodic re-check of a healthy stack (drift from other writers is repaired on owned-object events anyway).
     pub resync: Duration,
     /// Watch `KafkaTopic` objects (needs the Strimzi CRDs installed).
+    /// How often the serving projection's lag is refreshed in the status when no rebuild runs.
+    pub lag_poll: Duration,
     pub watch_kafka_topics: bool,
     /// Delete our ServiceMonitor when monitoring is switched off (needs the Prometheus Operator CRDs; a missing
     /// CRD is tolerated).
@@ -113,6 +115,7 @@ impl Default for Config {
             query_url_template: "http://{name}-query.{namespace}.svc:3125".to_owned(),
             rebuild_poll: Duration::from_secs(5),
             resync: Duration::from_secs(300),
+            lag_poll: Duration::from_secs(30),
             watch_kafka_topics: true,
             watch_service_monitor_cleanup: true,
             instance: None,
@@ -157,13 +160,27 @@ pub async fn run(
         shutdown.await;
         let _ = tx.send(());
     });
-    let mut controller = Controller::new(
-        scoped::<CqrsStack>(&client, &config),
-        watcher::Config::default(),
+    // Our own status writes must not trigger reconciles (progress and lag change on every write, which made a
+    // tight loop during rebuilds): the stacks' watch passes spec changes (generation) and finalizer changes
+    // only. Rebuild progress and lag are polled on timers (Action::requeue) instead.
+    let (reader, writer) = reflector::store();
+    let stacks = reflector::reflector(
+        writer,
+        watcher::watcher(
+            scoped::<CqrsStack>(&client, &config),
+            watcher::Config::default(),
+        ),
     )
-    .owns(scoped::<Deployment>(&client, &config), owned.clone())
-    .owns(scoped::<Service>(&client, &config), owned.clone())
-    .owns(scoped::<ConfigMap>(&client, &config), owned.clone());
+    .default_backoff()
+    .applied_objects()
+    .predicate_filter(
+        predicates::generation.combine(predicates::finalizers),
+        PredicateConfig::default(),
+    );
+    let mut controller = Controller::for_stream(stacks, reader)
+        .owns(scoped::<Deployment>(&client, &config), owned.clone())
+        .owns(scoped::<Service>(&client, &config), owned.clone())
+        .owns(scoped::<ConfigMap>(&client, &config), owned.clone());
     if config.watch_kafka_topics {
         let ar = build::kafka_topic_resource();
         let api = match &config.namespace {
@@ -386,18 +403,34 @@ async fn apply_dynamic(
 }
 
 /// Deletes an object we created earlier but no longer want (autoscaling or monitoring switched off).
+/// A 404 from the API server: the object is absent, or its whole kind is (a CRD that is not installed, which
+/// the server answers with a plain-text `404 page not found` that `get_opt` does not take for "not found").
+fn is_absent(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 404)
+}
+
 async fn delete_if_owned(
     api: Api<DynamicObject>,
     name: &str,
     owner_uid: &str,
 ) -> Result<(), Error> {
-    if let Some(existing) = api.get_opt(name).await?
+    let existing = match api.get_opt(name).await {
+        Ok(o) => o,
+        // Nothing of this kind can exist (e.g. no Prometheus Operator CRDs in the cluster): nothing to delete.
+        Err(e) if is_absent(&e) => None,
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(existing) = existing
         && existing
             .owner_references()
             .iter()
             .any(|o| o.uid == owner_uid)
     {
-        api.delete(name, &Default::default()).await?;
+        match api.delete(name, &Default::default()).await {
+            Ok(_) => {}
+            Err(e) if is_absent(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(())
 }
@@ -805,13 +838,16 @@ async fn drive_rebuild(
             ("Idle", format!("serving generation {target}"))
         };
         conds.set(conditions::REBUILDING, "False", reason, message);
+        // The Lag column shows the serving generation's lag between rebuilds (unknown while query is down).
+        let lag = ctx.admin.serving_lag(name, ns).await.ok().flatten();
         return (
             ProjectionStatus {
                 serving: Some(serving),
                 target: Some(target),
+                lag,
                 ..Default::default()
             },
-            None,
+            Some(ctx.config.lag_poll),
         );
     }
     let poll = Some(ctx.config.rebuild_poll);
@@ -999,4 +1035,29 @@ async fn cleanup(obj: &CqrsStack, ctx: &Context) -> Result<Action, Error> {
         .stack_ready
         .remove_label_values(&[ns.as_str(), name.as_str()]);
     Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::core::Status;
+
+    use super::is_absent;
+
+    #[test]
+    fn a_missing_kind_counts_as_absent_like_a_missing_object() {
+        // What kube-client makes of the API server's plain-text answer for a resource type it does not serve
+        // (a CRD that is not installed), as seen on a cluster without the Prometheus Operator.
+        let missing_kind = kube::Error::Api(Box::new(
+            Status::failure("404 page not found", "Failed to parse error data").with_code(404),
+        ));
+        assert!(is_absent(&missing_kind));
+        let missing_object = kube::Error::Api(Box::new(
+            Status::failure("not found", "NotFound").with_code(404),
+        ));
+        assert!(is_absent(&missing_object));
+        let forbidden = kube::Error::Api(Box::new(
+            Status::failure("forbidden", "Forbidden").with_code(403),
+        ));
+        assert!(!is_absent(&forbidden));
+    }
 }

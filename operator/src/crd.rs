@@ -31,7 +31,7 @@ pub const VERSION: &str = "v1alpha1";
     printcolumn = r#"{"name":"Gateway","type":"string","description":"ready/desired gateway replicas","jsonPath":".status.replicas.gateway"}"#,
     printcolumn = r#"{"name":"Mutation","type":"string","description":"ready/desired mutation replicas","jsonPath":".status.replicas.mutation"}"#,
     printcolumn = r#"{"name":"Query","type":"string","description":"ready/desired query replicas","jsonPath":".status.replicas.query"}"#,
-    printcolumn = r#"{"name":"Lag","type":"integer","description":"messages the rebuilding projection generation is behind","jsonPath":".status.projections.lag"}"#,
+    printcolumn = r#"{"name":"Lag","type":"integer","description":"messages the projection is behind: the rebuilding generation during a rebuild, else the serving one","jsonPath":".status.projections.lag"}"#,
     printcolumn = r#"{"name":"Generation","type":"integer","description":"projection generation serving reads","jsonPath":".status.projections.serving"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -330,7 +330,8 @@ pub struct ProjectionStatus {
     /// Rebuild progress from 0.0 to 1.0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<f64>,
-    /// Messages the rebuilding generation is behind.
+    /// Messages the rebuilding generation is behind during a rebuild; otherwise the serving generation's consumer lag
+    /// (refreshed every `LAG_POLL_SECONDS`; absent while the query service cannot be asked).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag: Option<i64>,
 }

@@ -32,6 +32,10 @@ struct Args {
     /// Seconds between periodic re-checks of a stack.
     #[arg(long, env = "RESYNC_SECONDS", default_value_t = 300)]
     resync_seconds: u64,
+    /// Seconds between refreshes of the serving projection's lag in the status (the Lag column) when no rebuild
+    /// runs.
+    #[arg(long, env = "LAG_POLL_SECONDS", default_value_t = 30)]
+    lag_poll_seconds: u64,
     /// Watch Strimzi KafkaTopics (disable when the Strimzi CRDs are not installed and no stack uses strimzi mode).
     #[arg(long, env = "WATCH_KAFKA_TOPICS", default_value_t = true, action = clap::ArgAction::Set)]
     watch_kafka_topics: bool,
@@ -56,6 +60,7 @@ async fn main() -> anyhow::Result<()> {
         query_url_template: args.query_url_template,
         rebuild_poll: Duration::from_secs(args.rebuild_poll_seconds),
         resync: Duration::from_secs(args.resync_seconds),
+        lag_poll: Duration::from_secs(args.lag_poll_seconds),
         watch_kafka_topics: args.watch_kafka_topics,
         watch_service_monitor_cleanup: true,
         instance: args.pod_name,

@@ -74,6 +74,31 @@ impl AdminClient {
             .map_err(fail)
     }
 
+    /// Messages the serving generation has not applied yet, from the query service's `/sync-status` (the
+    /// committed offsets of its consumer group: the same for every replica).
+    pub async fn serving_lag(
+        &self,
+        name: &str,
+        namespace: &str,
+    ) -> Result<Option<i64>, AdminError> {
+        let url = format!("{}/sync-status", self.base_url(name, namespace));
+        let fail = |source| AdminError::Http {
+            url: url.clone(),
+            source,
+        };
+        let v: serde_json::Value = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .map_err(fail)?
+            .json()
+            .await
+            .map_err(fail)?;
+        Ok(serving_lag_of(&v))
+    }
+
     pub async fn start(
         &self,
         name: &str,
@@ -96,5 +121,34 @@ impl AdminClient {
             .and_then(reqwest::Response::error_for_status)
             .map_err(fail)?;
         Ok(())
+    }
+}
+
+/// The serving projection's `lagMessages` in a `/sync-status` body (`None` when it is not reported).
+pub fn serving_lag_of(sync_status: &serde_json::Value) -> Option<i64> {
+    sync_status["projections"]
+        .as_array()?
+        .iter()
+        .find(|p| p["name"] == "serving")?
+        .get("lagMessages")?
+        .as_i64()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::serving_lag_of;
+
+    #[test]
+    fn serving_lag_is_read_from_sync_status() {
+        let v = json!({"caughtUp": false, "projections": [
+            {"name": "rebuild", "generation": 3, "lagMessages": 900},
+            {"name": "serving", "generation": 2, "lagMessages": 17}]});
+        assert_eq!(serving_lag_of(&v), Some(17));
+        let err =
+            json!({"projections": [{"name": "serving", "generation": 2, "error": "kafka down"}]});
+        assert_eq!(serving_lag_of(&err), None);
+        assert_eq!(serving_lag_of(&json!({})), None);
     }
 }

@@ -31,6 +31,11 @@ struct Admin {
     permits: u32,
     posts: Vec<i64>,
     cancelled: Vec<i64>,
+    /// Every GET of the state makes a running rebuild's lag one smaller (without finishing it), so each
+    /// status the operator writes differs from the last, as with a real rebuild under load.
+    drift: bool,
+    /// GETs of the state so far.
+    gets: u64,
 }
 
 type Shared = Arc<Mutex<Admin>>;
@@ -56,6 +61,13 @@ async fn start_rebuild(State(s): State<Shared>, Json(body): Json<Value>) -> Json
 
 async fn projections(State(s): State<Shared>) -> Json<Value> {
     let mut a = s.lock().unwrap();
+    a.gets += 1;
+    if a.drift
+        && let Some(r) = a.rebuild.as_mut()
+        && r.1 == "running"
+    {
+        r.3 = (r.3 - 1).max(1);
+    }
     if a.permits > 0
         && let Some(r) = a.rebuild.clone()
     {
@@ -273,4 +285,89 @@ async fn unreachable_query_service_is_reported_not_fatal() {
         condition(&s, "Ready").map(|c| c.1),
         Some("DeploymentsNotReady".to_owned())
     );
+}
+
+fn reconciles(op: &Operator) -> f64 {
+    op.registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == "cqrs_operator_reconciles_total")
+        .flat_map(|f| f.get_metric().iter().map(|m| m.get_counter().get_value()))
+        .sum()
+}
+
+/// The operator's own status writes must not start reconciles: a running rebuild's progress and lag change on
+/// every poll, and when each write triggered the next reconcile the operator re-applied every child and asked
+/// query for its state in a tight loop. The rebuild is polled on its timer instead, so reconciles stay bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_rebuild_is_polled_on_its_timer_not_in_a_loop() {
+    let client = client().await;
+    let ns = namespace(&client, "rebuild-loop").await;
+    let admin: Shared = Arc::new(Mutex::new(Admin {
+        serving: 1,
+        drift: true,
+        ..Admin::default()
+    }));
+    let url = admin_server(admin.clone()).await;
+    let poll = std::time::Duration::from_secs(1);
+    let config = cqrs_operator::Config {
+        query_url_template: url,
+        rebuild_poll: poll,
+        ..config_for(&ns)
+    };
+    let op = Operator::start(client.clone(), config);
+    let stacks: Api<CqrsStack> = Api::namespaced(client.clone(), &ns);
+    stacks
+        .create(&PostParams::default(), &sample_stack("rb"))
+        .await
+        .expect("create");
+    wait_projection(&stacks, "serving 1", |s| {
+        s.status
+            .as_ref()
+            .and_then(|st| st.projections.as_ref())
+            .and_then(|p| p.serving)
+            == Some(1)
+    })
+    .await;
+    stacks
+        .patch(
+            "rb",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"projections": {"generation": 2}}})),
+        )
+        .await
+        .unwrap();
+    wait_projection(&stacks, "rebuild of 2 running", |s| {
+        rebuilding(s).is_some_and(|(status, reason)| status == "True" && reason == "Running")
+    })
+    .await;
+    // A measurement window, not a wait for a condition: count what the operator does in it.
+    let window = std::time::Duration::from_secs(6);
+    let (r0, g0) = (reconciles(&op), admin.lock().unwrap().gets);
+    tokio::time::sleep(window).await;
+    let (r1, g1) = (reconciles(&op), admin.lock().unwrap().gets);
+    let lag = stacks
+        .get("rb")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .projections
+        .unwrap()
+        .lag;
+    // One poll per second, plus a little slack for a watch event of a child; a loop makes dozens per second.
+    let bound = window.as_secs_f64() / poll.as_secs_f64() + 3.0;
+    assert!(
+        r1 - r0 <= bound,
+        "{} reconciles in {window:?} (at most {bound} with a {poll:?} poll); lag now {lag:?}",
+        r1 - r0
+    );
+    assert!(
+        (g1 - g0) as f64 <= bound,
+        "{} state reads in {window:?} (at most {bound})",
+        g1 - g0
+    );
+    // It did keep polling: the status follows the rebuild's lag.
+    assert!(g1 > g0, "the running rebuild was not polled at all");
+    op.stop().await;
 }
