@@ -227,7 +227,7 @@ fn component_spec(d: &Desired, c: Component) -> &ComponentSpec {
 pub fn config_data(d: &Desired) -> BTreeMap<String, String> {
     let spec = d.spec.spec();
     let url = |c: Component| format!("http://{}:{}", child_name(&d.name, c), c.port());
-    BTreeMap::from([
+    let mut data = BTreeMap::from([
         ("LOG_FORMAT".to_owned(), "json".to_owned()),
         (
             "GATEWAY_LISTEN".to_owned(),
@@ -267,7 +267,16 @@ pub fn config_data(d: &Desired) -> BTreeMap<String, String> {
             "TOPIC_REPLICATION".to_owned(),
             spec.kafka.replicas.to_string(),
         ),
-    ])
+    ]);
+    if spec.kafka.topic_mode == TopicMode::Direct {
+        // The configuration mutation creates the topics with and reconciles on existing ones: the same as the
+        // KafkaTopics' of strimzi mode. A JSON object, because Kafka values may contain commas.
+        data.insert(
+            "TOPIC_CONFIG".to_owned(),
+            serde_json::to_string(&topic_config(d)).unwrap_or_else(|_| "{}".to_owned()),
+        );
+    }
+    data
 }
 
 /// FNV-1a over the configuration, without PROJECTION_GENERATION: a generation bump is a rebuild driven
@@ -546,14 +555,23 @@ fn hpa(d: &Desired, c: Component, cs: &ComponentSpec) -> HorizontalPodAutoscaler
     }
 }
 
-/// Topic configuration: events are kept forever unless the spec says otherwise (projections are rebuilt by
-/// replaying the topics from the beginning).
+/// Topic configuration, in both topic modes (the `KafkaTopic`s' `spec.config` in `strimzi` mode, mutation's
+/// `TOPIC_CONFIG` in `direct` mode): events are kept forever unless the spec says otherwise (projections are
+/// rebuilt by replaying the topics from the beginning), and `min.insync.replicas` is the replication factor
+/// minus one, at least 1: with `acks=all` an acknowledged event is on that many replicas, so from 3 replicas on
+/// one broker can be lost without losing an acknowledged event or stopping writes. `spec.kafka.config` wins.
+/// Mutation's own defaults for `direct` mode are the same (`services/mutation/src/relay.rs`, `topic_config`).
 pub fn topic_config(d: &Desired) -> BTreeMap<String, String> {
+    let k = &d.spec.spec().kafka;
     let mut config = BTreeMap::from([
         ("retention.ms".to_owned(), "-1".to_owned()),
         ("retention.bytes".to_owned(), "-1".to_owned()),
+        (
+            "min.insync.replicas".to_owned(),
+            (k.replicas - 1).max(1).to_string(),
+        ),
     ]);
-    config.extend(d.spec.spec().kafka.config.clone());
+    config.extend(k.config.clone());
     config
 }
 

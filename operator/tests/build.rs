@@ -383,10 +383,23 @@ fn direct_mode_and_no_monitoring_build_no_topics_or_servicemonitor() {
         Child::ConfigMap(c) => c.data.clone(),
         _ => None,
     });
+    let cm = cm.unwrap();
     assert_eq!(
-        cm.unwrap()["CREATE_TOPICS"],
-        "true",
+        cm["CREATE_TOPICS"], "true",
         "in direct mode mutation creates the topics"
+    );
+    // ... with the configuration strimzi mode's KafkaTopics carry (replicas 3 in spec_json).
+    let topic_config: BTreeMap<String, String> = serde_json::from_str(&cm["TOPIC_CONFIG"]).unwrap();
+    assert_eq!(
+        topic_config,
+        BTreeMap::from(
+            [
+                ("retention.ms", "-1"),
+                ("retention.bytes", "-1"),
+                ("min.insync.replicas", "2"),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        )
     );
     let got = kinds(&children);
     assert!(
@@ -515,4 +528,51 @@ fn quantities() {
     assert_eq!(parse_quantity("0.5"), Some(0.5));
     assert_eq!(parse_quantity("lots"), None);
     assert!(parse_quantity("1Gi") > parse_quantity("1000Mi"));
+}
+
+#[test]
+fn min_insync_replicas_follows_the_replication_factor_in_both_topic_modes() {
+    for (replicas, want) in [(1, "1"), (2, "1"), (3, "2"), (5, "4")] {
+        let mut v = spec_json();
+        v["kafka"]["replicas"] = json!(replicas);
+        v["kafka"]["config"] = json!({});
+        let topics: Vec<Value> = build(&desired(v.clone()))
+            .iter()
+            .filter_map(|c| match c {
+                Child::KafkaTopic(t) => Some(t.data.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(topics.len(), 4);
+        for t in &topics {
+            assert_eq!(
+                t["spec"]["config"]["min.insync.replicas"], want,
+                "strimzi mode, RF {replicas}"
+            );
+        }
+        v["kafka"]["topicMode"] = json!("direct");
+        let cm = build(&desired(v))
+            .iter()
+            .find_map(|c| match c {
+                Child::ConfigMap(c) => c.data.clone(),
+                _ => None,
+            })
+            .unwrap();
+        let config: BTreeMap<String, String> = serde_json::from_str(&cm["TOPIC_CONFIG"]).unwrap();
+        assert_eq!(
+            config["min.insync.replicas"], want,
+            "direct mode, RF {replicas}"
+        );
+    }
+    // A configured value wins.
+    let mut v = spec_json();
+    v["kafka"]["config"] = json!({"min.insync.replicas": "3"});
+    let t = build(&desired(v))
+        .iter()
+        .find_map(|c| match c {
+            Child::KafkaTopic(t) => Some(t.data.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(t["spec"]["config"]["min.insync.replicas"], "3");
 }

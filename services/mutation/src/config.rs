@@ -1,7 +1,25 @@
 //! Configuration: every option is a flag and an environment variable.
 
+use std::collections::BTreeMap;
+
 use clap::{ArgAction, Parser};
 use cqrs_common::TelemetryArgs;
+
+/// Topic-level configuration as a JSON object of strings, e.g. `{"retention.ms":"604800000"}`. JSON because
+/// Kafka values may contain commas (`cleanup.policy=compact,delete`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TopicConfig(pub BTreeMap<String, String>);
+
+fn parse_topic_config(s: &str) -> Result<TopicConfig, String> {
+    if s.trim().is_empty() {
+        return Ok(TopicConfig::default());
+    }
+    serde_json::from_str::<BTreeMap<String, String>>(s)
+        .map(TopicConfig)
+        .map_err(|e| {
+            format!("expected a JSON object of strings such as {{\"retention.ms\":\"-1\"}}: {e}")
+        })
+}
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -27,7 +45,12 @@ pub struct Config {
     /// Replication factor of topics created at startup.
     #[arg(long, env = "TOPIC_REPLICATION", default_value_t = 1)]
     pub topic_replication: i32,
-    /// Create the event topics (and the DLQ) if they are missing.
+    /// Topic configuration over the defaults `retention.ms=-1`, `retention.bytes=-1` (events are kept forever:
+    /// projections are rebuilt by replaying them) and `min.insync.replicas=max(TOPIC_REPLICATION−1, 1)`.
+    /// Applied when creating topics and reconciled on existing ones (with `CREATE_TOPICS`).
+    #[arg(long, env = "TOPIC_CONFIG", default_value = "", value_parser = parse_topic_config)]
+    pub topic_config: TopicConfig,
+    /// Create the event topics (and the DLQ) if they are missing, and reconcile their configuration.
     #[arg(long, env = "CREATE_TOPICS", default_value_t = true, action = ArgAction::Set)]
     pub create_topics: bool,
     /// PostgreSQL connections of the command pool (8 beat 32 on 2 cores). The relay holds one more.
@@ -90,5 +113,24 @@ impl Config {
         c.relay_max_backoff_ms = 1_000;
         c.kafka_message_timeout_ms = 5_000;
         c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_config_is_a_json_object_of_strings() {
+        assert_eq!(parse_topic_config(""), Ok(TopicConfig::default()));
+        assert_eq!(
+            parse_topic_config(r#"{"cleanup.policy":"compact,delete"}"#),
+            Ok(TopicConfig(BTreeMap::from([(
+                "cleanup.policy".to_owned(),
+                "compact,delete".to_owned()
+            )])))
+        );
+        assert!(parse_topic_config("retention.ms=1").is_err());
+        assert!(parse_topic_config(r#"{"retention.ms":-1}"#).is_err());
     }
 }

@@ -13,6 +13,7 @@
 //! can only commit after the earlier one, and gets a higher position.
 
 use std::{
+    collections::BTreeMap,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -26,7 +27,10 @@ use cqrs_events::{
 };
 use rdkafka::{
     ClientConfig,
-    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+    admin::{
+        AdminClient, AdminOptions, AlterConfig, ConfigSource, NewTopic, ResourceSpecifier,
+        TopicReplication,
+    },
     client::DefaultClientContext,
     error::KafkaError,
     message::{Header, OwnedHeaders},
@@ -60,6 +64,8 @@ pub struct RelaySettings {
     pub topics: Topics,
     pub partitions: i32,
     pub replication: i32,
+    /// The topic-level configuration topics are created with and reconciled to ([`topic_config`]).
+    pub topic_config: BTreeMap<String, String>,
     pub create_topics: bool,
     pub batch_size: i64,
     pub poll: Duration,
@@ -158,12 +164,37 @@ fn producer(s: &RelaySettings) -> Result<FutureProducer, KafkaError> {
         .create()
 }
 
-/// Creates the event topics and the DLQ if they are missing.
+/// The topic configuration mutation creates topics with: events are kept forever (`retention.ms` and
+/// `retention.bytes` -1: projections are rebuilt by replaying the topics from the beginning), and an
+/// `acks=all` write is acknowledged only once `min.insync.replicas = max(RF − 1, 1)` replicas have it: from
+/// RF 3 on, one broker can be lost without losing an acknowledged event and without stopping writes (with RF 2
+/// or 1 the minimum is 1, which keeps writes going but does not survive the loss of that one replica).
+/// `overrides` win. The operator's strimzi-mode
+/// `KafkaTopic`s carry the same defaults (`operator/src/build.rs`, `topic_config`).
+pub fn topic_config(
+    replication: i32,
+    overrides: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let mut config = BTreeMap::from([
+        ("retention.ms".to_owned(), "-1".to_owned()),
+        ("retention.bytes".to_owned(), "-1".to_owned()),
+        (
+            "min.insync.replicas".to_owned(),
+            (replication - 1).max(1).to_string(),
+        ),
+    ]);
+    config.extend(overrides.iter().map(|(k, v)| (k.clone(), v.clone())));
+    config
+}
+
+/// Creates the event topics and the DLQ if they are missing, with `config`, and reconciles `config` on those
+/// that already exist.
 pub async fn ensure_topics(
     bootstrap: &str,
     topics: &Topics,
     partitions: i32,
     replication: i32,
+    config: &BTreeMap<String, String>,
 ) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -172,18 +203,106 @@ pub async fn ensure_topics(
     names.push(topics.dlq());
     let new: Vec<NewTopic<'_>> = names
         .iter()
-        .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(replication)))
+        .map(|n| {
+            config.iter().fold(
+                NewTopic::new(n, partitions, TopicReplication::Fixed(replication)),
+                |t, (k, v)| t.set(k, v),
+            )
+        })
         .collect();
     let opts = AdminOptions::new()
         .operation_timeout(Some(Duration::from_secs(10)))
         .request_timeout(Some(Duration::from_secs(10)));
+    let mut existing = Vec::new();
     for r in admin.create_topics(new.iter(), &opts).await? {
         match r {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Ok(_) => {}
+            Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => existing.push(name),
             Err((name, code)) => {
                 return Err(KafkaError::AdminOp(code)).inspect_err(|_| {
                     tracing::warn!(topic = %name, ?code, "topic creation failed");
                 });
+            }
+        }
+    }
+    if !existing.is_empty() {
+        reconcile_topic_config(&admin, &existing, config, &opts).await?;
+    }
+    Ok(())
+}
+
+/// Brings `config` onto existing topics, keeping their other topic-level settings.
+///
+/// rdkafka offers only the non-incremental AlterConfigs, which replaces a topic's whole set of dynamic
+/// settings; so the current dynamic settings are read first (DescribeConfigs) and sent back with ours merged
+/// in, and only topics where one of ours differs are altered.
+async fn reconcile_topic_config(
+    admin: &AdminClient<DefaultClientContext>,
+    names: &[String],
+    config: &BTreeMap<String, String>,
+    opts: &AdminOptions,
+) -> Result<(), KafkaError> {
+    let specs: Vec<ResourceSpecifier<'_>> = names
+        .iter()
+        .map(|n| ResourceSpecifier::Topic(n.as_str()))
+        .collect();
+    let described = admin.describe_configs(specs.iter(), opts).await?;
+    let mut wanted: Vec<(String, BTreeMap<String, String>)> = Vec::new();
+    for (name, r) in names.iter().zip(described) {
+        let resource = r.map_err(KafkaError::AdminOp).inspect_err(|e| {
+            tracing::warn!(topic = %name, error = %e, "describing the topic configuration failed");
+        })?;
+        let mut dynamic = BTreeMap::new();
+        let mut differs = false;
+        let mut unknown_secret = false;
+        for e in &resource.entries {
+            if e.source == ConfigSource::DynamicTopic {
+                match &e.value {
+                    Some(v) => {
+                        dynamic.insert(e.name.clone(), v.clone());
+                    }
+                    None => unknown_secret = true,
+                }
+            }
+        }
+        for (k, v) in config {
+            let current = resource.get(k).and_then(|e| e.value.as_deref());
+            // A default that happens to equal ours is still set explicitly, so a later change of the
+            // broker's defaults cannot change the topic.
+            let explicit = dynamic.get(k).is_some_and(|d| d == v);
+            if current != Some(v.as_str()) || !explicit {
+                differs = true;
+            }
+        }
+        if !differs {
+            continue;
+        }
+        if unknown_secret {
+            // A sensitive setting's value is not returned, and AlterConfigs would drop it: leave the topic be.
+            tracing::warn!(topic = %name, "topic has a sensitive setting; its configuration is not reconciled");
+            continue;
+        }
+        dynamic.extend(config.iter().map(|(k, v)| (k.clone(), v.clone())));
+        wanted.push((name.clone(), dynamic));
+    }
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    let alters: Vec<AlterConfig<'_>> = wanted
+        .iter()
+        .map(|(name, c)| {
+            c.iter().fold(
+                AlterConfig::new(ResourceSpecifier::Topic(name.as_str())),
+                |a, (k, v)| a.set(k, v),
+            )
+        })
+        .collect();
+    for r in admin.alter_configs(alters.iter(), opts).await? {
+        match r {
+            Ok(spec) => tracing::info!(topic = ?spec, "topic configuration reconciled"),
+            Err((spec, code)) => {
+                tracing::warn!(topic = ?spec, ?code, "altering the topic configuration failed");
+                return Err(KafkaError::AdminOp(code));
             }
         }
     }
@@ -255,7 +374,15 @@ async fn lead(
     let mut backoff = min_backoff;
     while !stop.is_cancelled() {
         if !topics_ready {
-            match ensure_topics(&s.kafka_bootstrap, &s.topics, s.partitions, s.replication).await {
+            match ensure_topics(
+                &s.kafka_bootstrap,
+                &s.topics,
+                s.partitions,
+                s.replication,
+                &s.topic_config,
+            )
+            .await
+            {
                 Ok(()) => topics_ready = true,
                 Err(e) => {
                     metrics.relay_errors.inc();
@@ -396,4 +523,29 @@ pub async fn backlog(pool: &sqlx::PgPool) -> Result<Backlog, sqlx::Error> {
         count,
         oldest_age_seconds: if count == 0 { 0.0 } else { age.max(0.0) },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_keep_events_forever_on_rf_minus_one_in_sync_replicas() {
+        let none = BTreeMap::new();
+        let c = topic_config(3, &none);
+        assert_eq!(c["retention.ms"], "-1");
+        assert_eq!(c["retention.bytes"], "-1");
+        assert_eq!(c["min.insync.replicas"], "2");
+        assert_eq!(topic_config(1, &none)["min.insync.replicas"], "1");
+        assert_eq!(topic_config(2, &none)["min.insync.replicas"], "1");
+        assert_eq!(topic_config(5, &none)["min.insync.replicas"], "4");
+        let over = BTreeMap::from([
+            ("retention.ms".to_owned(), "604800000".to_owned()),
+            ("min.insync.replicas".to_owned(), "3".to_owned()),
+        ]);
+        let c = topic_config(3, &over);
+        assert_eq!(c["retention.ms"], "604800000");
+        assert_eq!(c["retention.bytes"], "-1");
+        assert_eq!(c["min.insync.replicas"], "3");
+    }
 }

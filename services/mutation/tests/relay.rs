@@ -381,3 +381,100 @@ async fn kafka_down_commands_succeed_and_events_arrive_later() {
     app.shutdown().await;
     kafka.stop().await.unwrap();
 }
+
+/// Each topic's configuration as the broker reports it: name → (value, set on the topic itself).
+async fn topic_settings(
+    admin: &rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>,
+    topic: &str,
+) -> Option<std::collections::HashMap<String, (Option<String>, bool)>> {
+    use rdkafka::admin::{AdminOptions, ConfigSource, ResourceSpecifier};
+    let spec = [ResourceSpecifier::Topic(topic)];
+    let r = admin
+        .describe_configs(spec.iter(), &AdminOptions::new())
+        .await
+        .ok()?;
+    let resource = r.into_iter().next()?.ok()?;
+    Some(
+        resource
+            .entries
+            .into_iter()
+            .map(|e| (e.name, (e.value, e.source == ConfigSource::DynamicTopic)))
+            .collect(),
+    )
+}
+
+/// `direct` topic mode: mutation creates its topics with retention forever and min.insync.replicas from the
+/// replication factor, set on the topic itself (not inherited from the broker's defaults), and brings an
+/// existing topic to that configuration while keeping its other settings; a changed TOPIC_CONFIG is reconciled.
+#[tokio::test]
+async fn created_topics_keep_events_forever_and_existing_ones_are_reconciled() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let (env, c) = env_config("relay-topic-config").await;
+    let topics = Topics::new(env.topic_prefix.clone());
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.kafka_bootstrap)
+        .create()
+        .unwrap();
+    // One topic exists already, created with a short retention and a setting of its own.
+    let orders = topics.for_aggregate(AggregateType::Order);
+    let pre = NewTopic::new(&orders, 3, TopicReplication::Fixed(1))
+        .set("retention.ms", "3600000")
+        .set("max.message.bytes", "2000000");
+    for r in admin
+        .create_topics([&pre], &AdminOptions::new())
+        .await
+        .unwrap()
+    {
+        r.unwrap();
+    }
+    let mut all = topics.event_topics();
+    all.push(topics.dlq());
+
+    let app = spawn(c.clone()).await;
+    for t in &all {
+        let got = eventually(
+            Duration::from_secs(30),
+            &format!("{t} configured"),
+            || async {
+                let s = topic_settings(&admin, t).await?;
+                let set = |k: &str, v: &str| s.get(k) == Some(&(Some(v.to_owned()), true));
+                (set("retention.ms", "-1")
+                    && set("retention.bytes", "-1")
+                    && set("min.insync.replicas", "1"))
+                .then_some(s)
+            },
+        )
+        .await;
+        if *t == orders {
+            assert_eq!(
+                got["max.message.bytes"],
+                (Some("2000000".to_owned()), true),
+                "the existing topic keeps its own settings"
+            );
+        }
+    }
+    app.shutdown().await;
+
+    // TOPIC_CONFIG changed: the existing topics follow, the rest stays.
+    let mut c2 = c;
+    c2.topic_config = cqrs_mutation::config::TopicConfig(std::collections::BTreeMap::from([(
+        "retention.ms".to_owned(),
+        "86400000".to_owned(),
+    )]));
+    let app = spawn(c2).await;
+    for t in &all {
+        eventually(
+            Duration::from_secs(30),
+            &format!("{t} reconciled"),
+            || async {
+                let s = topic_settings(&admin, t).await?;
+                let set = |k: &str, v: &str| s.get(k) == Some(&(Some(v.to_owned()), true));
+                (set("retention.ms", "86400000") && set("retention.bytes", "-1")).then_some(())
+            },
+        )
+        .await;
+    }
+    let s = topic_settings(&admin, &orders).await.unwrap();
+    assert_eq!(s["max.message.bytes"], (Some("2000000".to_owned()), true));
+    app.shutdown().await;
+}
