@@ -39,6 +39,12 @@ pub const CONFIG_HASH_ANNOTATION: &str = "cqrs.dev/config-hash";
 pub const TOPICS: [&str; 4] = ["users", "products", "orders", "dlq"];
 /// UID/GID the containers run as (the Dockerfiles create this user).
 pub const RUN_AS: i64 = 65532;
+/// The pods' `terminationGracePeriodSeconds`: after it the kubelet sends SIGKILL.
+pub const TERMINATION_GRACE_SECONDS: i64 = 30;
+/// The services' own shutdown budget (mutation's `SHUTDOWN_TIMEOUT_SECS`, the gateway's
+/// `GATEWAY_DRAIN_TIMEOUT`), derived from the grace period so it always ends before the SIGKILL: the margin
+/// covers the endpoint removal racing the SIGTERM and the process exit itself.
+pub const SHUTDOWN_BUDGET_SECONDS: i64 = TERMINATION_GRACE_SECONDS - 5;
 
 /// The three services of a stack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -267,6 +273,15 @@ pub fn config_data(d: &Desired) -> BTreeMap<String, String> {
             "TOPIC_REPLICATION".to_owned(),
             spec.kafka.replicas.to_string(),
         ),
+        // Shutdown budgets below the pods' grace period (TERMINATION_GRACE_SECONDS), from one constant.
+        (
+            "SHUTDOWN_TIMEOUT_SECS".to_owned(),
+            SHUTDOWN_BUDGET_SECONDS.to_string(),
+        ),
+        (
+            "GATEWAY_DRAIN_TIMEOUT".to_owned(),
+            format!("{SHUTDOWN_BUDGET_SECONDS}s"),
+        ),
     ]);
     if spec.kafka.topic_mode == TopicMode::Direct {
         // The configuration mutation creates the topics with and reconciles on existing ones: the same as the
@@ -459,7 +474,7 @@ fn deployment(d: &Desired, c: Component, cs: &ComponentSpec, config_hash: &str) 
                     containers: vec![container],
                     automount_service_account_token: Some(false),
                     enable_service_links: Some(false),
-                    termination_grace_period_seconds: Some(30),
+                    termination_grace_period_seconds: Some(TERMINATION_GRACE_SECONDS),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
                         run_as_user: Some(RUN_AS),

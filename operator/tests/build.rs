@@ -260,6 +260,8 @@ fn configuration_and_secrets_reach_the_right_service() {
             ("CREATE_TOPICS", "false"),
             ("TOPIC_PARTITIONS", "12"),
             ("TOPIC_REPLICATION", "3"),
+            ("SHUTDOWN_TIMEOUT_SECS", "25"),
+            ("GATEWAY_DRAIN_TIMEOUT", "25s"),
         ]
         .map(|(k, v)| (k.to_owned(), v.to_owned())),
     );
@@ -528,6 +530,38 @@ fn quantities() {
     assert_eq!(parse_quantity("0.5"), Some(0.5));
     assert_eq!(parse_quantity("lots"), None);
     assert!(parse_quantity("1Gi") > parse_quantity("1000Mi"));
+}
+
+#[test]
+fn shutdown_budgets_end_before_the_grace_period() {
+    let children = build(&desired(spec_json()));
+    let cm = children
+        .iter()
+        .find_map(|c| match c {
+            Child::ConfigMap(c) => c.data.clone(),
+            _ => None,
+        })
+        .unwrap();
+    let mutation_budget: i64 = cm["SHUTDOWN_TIMEOUT_SECS"].parse().unwrap();
+    let gateway_budget: i64 = cm["GATEWAY_DRAIN_TIMEOUT"]
+        .strip_suffix('s')
+        .unwrap()
+        .parse()
+        .unwrap();
+    for name in ["shop-gateway", "shop-mutation", "shop-query"] {
+        let grace = deployment(&children, name)
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap()
+            .termination_grace_period_seconds
+            .unwrap();
+        assert!(
+            mutation_budget < grace && gateway_budget < grace,
+            "{name}: budgets {mutation_budget}/{gateway_budget} s vs grace {grace} s"
+        );
+    }
 }
 
 #[test]

@@ -95,9 +95,11 @@ pub struct Config {
     /// argon2id iterations.
     #[arg(long, env = "ARGON2_ITERATIONS", default_value_t = 2)]
     pub argon2_iterations: u32,
-    /// Seconds in-flight requests get to finish after SIGTERM.
-    #[arg(long, env = "DRAIN_SECS", default_value_t = 20)]
-    pub drain_secs: u64,
+    /// The whole shutdown's budget after SIGTERM, in seconds: in-flight requests, the group-commit queue and
+    /// the relay's last round share it, and the process returns within it. Keep it below the pod's
+    /// `terminationGracePeriodSeconds` (the operator sets both from one place).
+    #[arg(long, env = "SHUTDOWN_TIMEOUT_SECS", default_value_t = 25)]
+    pub shutdown_timeout_secs: u64,
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
 }

@@ -69,7 +69,26 @@ pub struct Application {
     workers: Vec<JoinHandle<()>>,
     pool: sqlx::PgPool,
     idempotency_ttl: Duration,
-    drain: Duration,
+    shutdown_budget: Duration,
+}
+
+/// How the shutdown budget is split: requests and the group-commit queue get `requests` from the signal, the
+/// relay's last round the rest of `total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ShutdownPlan {
+    total: Duration,
+    requests: Duration,
+}
+
+impl ShutdownPlan {
+    /// The relay keeps a fifth of the budget, at most 5 s: a round is one produce-and-ack.
+    fn new(total: Duration) -> Self {
+        let relay = (total / 5).min(Duration::from_secs(5));
+        Self {
+            total,
+            requests: total.saturating_sub(relay),
+        }
+    }
 }
 
 /// The embedded migrations (also used by tools that prepare a database).
@@ -100,7 +119,7 @@ impl Application {
             kafka_message_timeout_ms,
             argon2_memory_kib,
             argon2_iterations,
-            drain_secs,
+            shutdown_timeout_secs,
             telemetry: _,
         } = config;
         let pool = PgPoolOptions::new()
@@ -220,7 +239,7 @@ impl Application {
             workers: worker_handles,
             pool,
             idempotency_ttl,
-            drain: Duration::from_secs(drain_secs),
+            shutdown_budget: Duration::from_secs(shutdown_timeout_secs),
         })
     }
 
@@ -241,7 +260,7 @@ impl Application {
             workers,
             pool,
             idempotency_ttl,
-            drain,
+            shutdown_budget,
         } = self;
         let stop = CancellationToken::new();
         let relay_task = relay.map(|(settings, shared)| {
@@ -271,18 +290,68 @@ impl Application {
             }
         }));
         let mut workers: Vec<AbortOnDrop> = workers.into_iter().map(AbortOnDrop).collect();
-        let served = serve(listener, router, shutdown, drain).await;
+        // One budget for the whole shutdown, counted from the signal: in-flight requests and the queue share
+        // all but the relay's reserve; the relay's last round gets what is left. Whatever still runs at the
+        // deadline is aborted (an unanswered command rolls back with its connection; an unacknowledged batch
+        // stays in the outbox and is published again).
+        let plan = ShutdownPlan::new(shutdown_budget);
+        let signalled = Arc::new(std::sync::OnceLock::new());
+        let mark = signalled.clone();
+        let shutdown = async move {
+            shutdown.await;
+            let _ = mark.set(tokio::time::Instant::now());
+        };
+        let served = serve(listener, router, shutdown, plan.requests).await;
+        let start = signalled
+            .get()
+            .copied()
+            .unwrap_or_else(tokio::time::Instant::now);
         // The router (and with it every queue sender) is gone: the workers finish what is queued and exit.
         // One deadline for all of them (a lingering keep-alive connection can hold a queue sender).
-        let _ = tokio::time::timeout(
-            drain,
+        if tokio::time::timeout_at(
+            start + plan.requests,
             futures::future::join_all(workers.iter_mut().map(|w| &mut w.0)),
         )
-        .await;
-        stop.cancel();
-        if let Some(mut r) = relay_task {
-            let _ = tokio::time::timeout(Duration::from_secs(5), &mut r.0).await;
+        .await
+        .is_err()
+        {
+            tracing::warn!(budget = ?shutdown_budget, "group-commit workers still busy at their deadline; aborting");
         }
+        drop(workers);
+        stop.cancel();
+        if let Some(mut r) = relay_task
+            && tokio::time::timeout_at(start + plan.total, &mut r.0)
+                .await
+                .is_err()
+        {
+            tracing::warn!(budget = ?shutdown_budget, "relay still publishing at the shutdown deadline; aborting");
+        }
+        tracing::info!(
+            elapsed = ?start.elapsed(),
+            budget = ?shutdown_budget,
+            "mutation stopped"
+        );
         served.map_err(AppError::Serve)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shutdown_phases_share_one_budget() {
+        let p = ShutdownPlan::new(Duration::from_secs(25));
+        assert_eq!(p.requests, Duration::from_secs(20));
+        assert_eq!(p.total, Duration::from_secs(25));
+        let p = ShutdownPlan::new(Duration::from_secs(60));
+        assert_eq!(
+            p.requests,
+            Duration::from_secs(55),
+            "the relay's reserve is capped"
+        );
+        let p = ShutdownPlan::new(Duration::from_secs(3));
+        assert!(p.requests < p.total);
+        assert_eq!(ShutdownPlan::new(Duration::ZERO).requests, Duration::ZERO);
     }
 }

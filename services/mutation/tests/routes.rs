@@ -1222,6 +1222,116 @@ async fn shutdown_drains_in_flight_commands() {
         .unwrap();
 }
 
+/// The whole shutdown fits its budget (SHUTDOWN_TIMEOUT_SECS) under load, even with a command that cannot
+/// finish (held on a row lock for the whole shutdown) and a relay stuck on an unreachable Kafka: the phases
+/// share one deadline instead of each taking its own bound one after the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_within_its_budget_under_load() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    captured_logs();
+    let (env, mut c) = env_config("shutdown-budget").await;
+    let budget = Duration::from_secs(3);
+    c.shutdown_timeout_secs = budget.as_secs();
+    // Nothing listens there: the relay is busy with its admin and produce timeouts when the shutdown begins.
+    c.kafka_bootstrap = format!("127.0.0.1:{}", cqrs_devstack::free_port().unwrap());
+    let app = spawn(c).await;
+    let id = create(&app, "/product", json!({"name": "Held", "price": 1})).await;
+    let pool = sqlx::PgPool::connect(&env.pg_url).await.unwrap();
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("select 1 from products where id = $1::uuid for update")
+        .bind(&id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let held = tokio::spawn(
+        app.client
+            .patch(app.url(&format!("/product/{id}")))
+            .json(&json!({"name": "Never"}))
+            .send(),
+    );
+    common::eventually(Duration::from_secs(10), "the PATCH waiting on the row lock", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "select count(*) from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        (waiting >= 1).then_some(())
+    })
+    .await;
+
+    // Load: 32 clients creating products until the service stops answering.
+    let done = Arc::new(AtomicBool::new(false));
+    let created = Arc::new(AtomicU64::new(0));
+    let unexpected = Arc::new(Mutex::new(Vec::new()));
+    let clients: Vec<_> = (0..32)
+        .map(|i| {
+            let (client, url) = (app.client.clone(), app.url("/product"));
+            let (done, created, unexpected) = (done.clone(), created.clone(), unexpected.clone());
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while !done.load(Ordering::Relaxed) {
+                    n += 1;
+                    let r = client
+                        .post(&url)
+                        .json(&json!({"name": format!("load {i}-{n}"), "price": "1.00"}))
+                        .send()
+                        .await;
+                    match r {
+                        Ok(r) if r.status() == StatusCode::CREATED => {
+                            created.fetch_add(1, Ordering::Relaxed);
+                        }
+                        // At the deadline a queued command may be told the service is going away.
+                        Ok(r) if r.status() == StatusCode::SERVICE_UNAVAILABLE => {}
+                        Ok(r) => unexpected.lock().unwrap().push(r.status().as_u16()),
+                        // Refused or cut: the listener is closed / the budget is over.
+                        Err(_) => break,
+                    }
+                }
+            })
+        })
+        .collect();
+    common::eventually(Duration::from_secs(30), "load flowing", || async {
+        (created.load(Ordering::Relaxed) >= 200).then_some(())
+    })
+    .await;
+
+    let common::Running {
+        mut handle, stop, ..
+    } = app;
+    let started = std::time::Instant::now();
+    stop.unwrap().send(()).unwrap();
+    let finished = tokio::time::timeout(budget * 5, &mut handle).await;
+    let elapsed = started.elapsed();
+    done.store(true, Ordering::Relaxed);
+    assert!(finished.is_ok(), "shutdown still running after {elapsed:?}");
+    // The deadline is enforced by timers; the slack covers aborting what is left and a busy machine.
+    assert!(
+        elapsed <= budget + Duration::from_millis(1500),
+        "shutdown took {elapsed:?} with a budget of {budget:?}"
+    );
+    for c in clients {
+        let _ = tokio::time::timeout(Duration::from_secs(10), c).await;
+    }
+    assert!(
+        unexpected.lock().unwrap().is_empty(),
+        "{:?}",
+        unexpected.lock().unwrap()
+    );
+    // The held command could not commit within the budget: it was cut or told 503, and never applied.
+    match held.await.unwrap() {
+        Err(_) => {}
+        Ok(r) => assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE),
+    }
+    holder.rollback().await.unwrap();
+    let name: String = sqlx::query_scalar("select name from products where id = $1::uuid")
+        .bind(&id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(name, "Held");
+}
+
 /// An expired Idempotency-Key is forgotten: the same key then starts a new request.
 #[tokio::test]
 async fn idempotency_keys_expire() {
