@@ -442,7 +442,11 @@ fn deployment_readiness(d: &Deployment) -> (i32, i32, bool) {
     };
     let ready = st.ready_replicas.unwrap_or(0);
     let current = st.observed_generation.unwrap_or(0) >= d.metadata.generation.unwrap_or(0);
-    let rolled = st.updated_replicas.unwrap_or(0) >= desired
+    // Rolled out as `kubectl rollout status` means it: every replica updated and available, and no old
+    // replica left (during a rollout the old pods still count as ready, e.g. 3 ready of 2 desired).
+    let updated = st.updated_replicas.unwrap_or(0);
+    let rolled = updated >= desired
+        && st.replicas.unwrap_or(0) <= updated
         && st.available_replicas.unwrap_or(0) >= desired;
     (ready, desired, current && rolled && ready >= desired)
 }
@@ -1039,9 +1043,48 @@ async fn cleanup(obj: &CqrsStack, ctx: &Context) -> Result<Action, Error> {
 
 #[cfg(test)]
 mod tests {
+    use k8s_openapi::api::apps::v1::Deployment;
     use kube::core::Status;
 
     use super::is_absent;
+
+    fn deployment(
+        desired: i32,
+        replicas: i32,
+        updated: i32,
+        ready: i32,
+        available: i32,
+    ) -> Deployment {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "d", "generation": 2},
+            "spec": {"replicas": desired, "selector": {}, "template": {}},
+            "status": {"observedGeneration": 2, "replicas": replicas, "updatedReplicas": updated,
+                       "readyReplicas": ready, "availableReplicas": available}
+        }))
+        .expect("deployment")
+    }
+
+    #[test]
+    fn a_deployment_is_ready_once_rolled_out_not_while_old_pods_remain() {
+        // (desired, replicas, updated, ready, available) -> ok
+        let cases = [
+            ((2, 2, 2, 2, 2), true),
+            // Mid-rollout, as seen on the cluster: both new pods ready, one old pod still running.
+            ((2, 3, 2, 3, 3), false),
+            ((2, 2, 1, 2, 2), false),
+            ((2, 2, 2, 1, 1), false),
+            ((0, 0, 0, 0, 0), true),
+        ];
+        for ((desired, replicas, updated, ready, available), ok) in cases {
+            let (_, _, got) = super::deployment_readiness(&deployment(
+                desired, replicas, updated, ready, available,
+            ));
+            assert_eq!(
+                got, ok,
+                "{desired} desired, {replicas} replicas, {updated} updated, {ready} ready"
+            );
+        }
+    }
 
     #[test]
     fn a_missing_kind_counts_as_absent_like_a_missing_object() {
