@@ -39,6 +39,11 @@ pub struct QueryConfig {
     /// Maximum wait a client may ask for with `Prefer: wait=<seconds>` next to `X-Min-Version` (ms).
     #[arg(long, env = "QUERY_MIN_VERSION_WAIT_MAX_MS", default_value_t = 30000)]
     pub min_version_wait_max_ms: u64,
+    /// First fallback re-read of an `X-Min-Version` wait that has not been woken (ms); it doubles after each
+    /// re-read up to 8 times this. Waiters are woken as soon as this replica applies (or, with change streams,
+    /// sees) their document's version; the re-read covers versions applied by other replicas.
+    #[arg(long, env = "QUERY_MIN_VERSION_RECHECK_MS", default_value_t = 250)]
+    pub min_version_recheck_ms: u64,
     /// Default page size of list routes.
     #[arg(long, env = "QUERY_PAGE_DEFAULT", default_value_t = 50)]
     pub page_default: u32,
@@ -101,6 +106,7 @@ impl QueryConfig {
             batch_wait_ms: 10,
             min_version_wait_ms: 5000,
             min_version_wait_max_ms: 30000,
+            min_version_recheck_ms: 250,
             page_default: 50,
             page_max: 500,
             gap_hold_ms: 2000,

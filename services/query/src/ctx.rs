@@ -54,6 +54,8 @@ pub struct Ctx {
     pub fault_fired: AtomicBool,
     /// Test hooks of the change-stream watcher.
     pub watch_probe: crate::watch::WatchProbe,
+    /// `X-Min-Version` requests waiting for a document version.
+    pub waiters: crate::waiters::Waiters,
 }
 
 impl Ctx {
@@ -88,6 +90,7 @@ impl Ctx {
             batches_written: AtomicU64::new(0),
             fault_fired: AtomicBool::new(false),
             watch_probe: crate::watch::WatchProbe::default(),
+            waiters: crate::waiters::Waiters::default(),
         })
     }
 
@@ -99,8 +102,24 @@ impl Ctx {
         let old = self.serving.swap(g, Ordering::SeqCst);
         self.metrics.serving_generation.set(i64::from(g));
         if old != g {
+            // Waiting reads re-read from the new generation.
+            self.waiters.wake_all();
             let _ = self.notices.send(Notice::Switched(g));
         }
+    }
+
+    /// A durable read-model change: wakes the `X-Min-Version` waiters of that document whose version it reaches,
+    /// and tells the live streams.
+    pub fn publish(&self, change: Change) {
+        self.waiters
+            .reached(change.entity, &change.id, change.version);
+        let _ = self.notices.send(Notice::Changed(Arc::new(change)));
+    }
+
+    /// Changes may have been missed (change-stream history lost): every waiter re-reads, live streams are told.
+    pub fn reset(&self, reason: String) {
+        self.waiters.wake_all();
+        let _ = self.notices.send(Notice::Reset(Arc::new(reason)));
     }
 
     pub fn inspector(&self, group: &str) -> Result<Arc<BaseConsumer>, QueryError> {

@@ -19,7 +19,6 @@ use futures::{Stream, StreamExt};
 use mongodb::bson::Document;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::broadcast::error::RecvError;
 use tokio_stream::wrappers::{BroadcastStream, errors::BroadcastStreamRecvError};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -34,8 +33,6 @@ use crate::{
 };
 
 pub const MIN_VERSION_HEADER: &str = "x-min-version";
-/// While waiting for `X-Min-Version`, MongoDB is re-read at most this often without a notice.
-const FALLBACK_RECHECK: Duration = Duration::from_millis(250);
 
 #[derive(Clone)]
 pub struct AppState {
@@ -154,11 +151,14 @@ async fn get_entity(
             Err(e) => e.into_response(),
         };
     };
-    // Subscribe before reading so that no change between the read and the wait is missed.
-    let mut rx = st.ctx.notices.subscribe();
     let bound = wait_bound(&st.ctx, &headers);
     let deadline = tokio::time::Instant::now() + bound;
+    let first = Duration::from_millis(st.ctx.config.min_version_recheck_ms.max(1));
+    let mut recheck = first;
     loop {
+        // Registered before reading, so that a write between the read and the wait still wakes this request.
+        let mut waiting = st.ctx.waiters.register(entity, &id, min);
+        st.ctx.metrics.min_version_reads.inc();
         let doc = match st.ctx.store.get(entity, st.ctx.serving(), &id).await {
             Ok(d) => d,
             Err(e) => return e.into_response(),
@@ -166,31 +166,24 @@ async fn get_entity(
         if doc.as_ref().map(doc_version).unwrap_or(0) >= min {
             return entity_response(entity, &id, doc);
         }
-        // Woken by this replica's apply loop; a slow fallback re-read covers documents applied by another
-        // replica (which notifies only its own clients).
-        let recheck = (tokio::time::Instant::now() + FALLBACK_RECHECK).min(deadline);
-        loop {
-            match tokio::time::timeout_at(recheck, rx.recv()).await {
-                Err(_) if recheck < deadline => break,
-                Err(_) => {
+        // Woken when this replica applies (or, with change streams, sees) the version, or when every waiter must
+        // re-read (generation switch, change-stream reset). The fallback re-read, backing off to 8× the first,
+        // covers versions applied by another replica, which notifies only its own waiters.
+        let until = (tokio::time::Instant::now() + recheck).min(deadline);
+        tokio::select! {
+            _ = &mut waiting.woken => {}
+            _ = tokio::time::sleep_until(until) => {
+                if until >= deadline {
                     return Problem::unavailable(
                         format!("{entity} {id} did not reach version {min} within {bound:?}; retry later"),
                         1,
                     )
                     .into_response();
                 }
-                Ok(Ok(Notice::Changed(c)))
-                    if c.entity == entity && c.id == id && c.version >= min =>
-                {
-                    break;
-                }
-                Ok(Ok(Notice::Changed(_))) => {}
-                Ok(Ok(Notice::Switched(_) | Notice::Reset(_))) | Ok(Err(RecvError::Lagged(_))) => {
-                    break;
-                }
-                Ok(Err(RecvError::Closed)) => {
-                    return Problem::unavailable("shutting down", 1).into_response();
-                }
+                recheck = (recheck * 2).min(first * 8);
+            }
+            _ = st.shutdown.cancelled() => {
+                return Problem::unavailable("shutting down", 1).into_response();
             }
         }
     }

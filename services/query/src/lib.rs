@@ -14,6 +14,7 @@ pub mod projector;
 pub mod rebuild;
 pub mod status;
 pub mod store;
+pub mod waiters;
 pub mod watch;
 
 use std::{future::Future, sync::Arc, time::Duration};

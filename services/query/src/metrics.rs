@@ -1,8 +1,8 @@
 //! `cqrs_query_*` Prometheus metrics, registered on a per-application registry.
 
 use prometheus::{
-    Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    exponential_buckets,
+    Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, exponential_buckets,
 };
 
 #[derive(Clone)]
@@ -11,6 +11,7 @@ pub struct Metrics {
     pub events_applied: IntCounterVec,
     pub events_skipped: IntCounterVec,
     pub apply_failures: IntCounterVec,
+    pub min_version_reads: IntCounter,
     pub batch_size: HistogramVec,
     pub apply_seconds: HistogramVec,
     pub end_to_end_seconds: HistogramVec,
@@ -65,6 +66,13 @@ impl Metrics {
                         "Failed attempts to apply a batch (retried; offsets not committed), by kind",
                     ),
                     &["generation", "kind"],
+                )?,
+            ),
+            min_version_reads: reg(
+                &r,
+                IntCounter::new(
+                    "cqrs_query_min_version_reads_total",
+                    "MongoDB reads made by X-Min-Version requests (first read, wake-ups and fallback re-reads)",
                 )?,
             ),
             batch_size: reg(

@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    ctx::{Change, Ctx, Notice},
+    ctx::{Change, Ctx},
     error::QueryError,
     kafka::{
         self, H_DLQ_GROUP, H_DLQ_OFFSET, H_DLQ_PARTITION, H_DLQ_REASON, H_DLQ_REPLAYED_FROM,
@@ -434,7 +434,7 @@ async fn apply_batch(
     }
     if ctx.serving() == generation && !ctx.config.change_streams {
         for c in changes {
-            let _ = ctx.notices.send(Notice::Changed(Arc::new(c)));
+            ctx.publish(c);
         }
     }
     Ok(())

@@ -28,7 +28,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    ctx::{Change, Ctx, Notice},
+    ctx::{Change, Ctx},
     model,
 };
 
@@ -62,7 +62,7 @@ fn history_lost(e: &mongodb::error::Error) -> bool {
 fn reset(ctx: &Ctx, reason: String) {
     tracing::warn!(%reason, "change stream history lost: live streams are told to re-read");
     ctx.watch_probe.resets.fetch_add(1, Ordering::SeqCst);
-    let _ = ctx.notices.send(Notice::Reset(Arc::new(reason)));
+    ctx.reset(reason);
 }
 
 pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
@@ -159,7 +159,7 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
                         generation,
                         doc: model::to_json(&d),
                     };
-                    let _ = ctx.notices.send(Notice::Changed(Arc::new(change)));
+                    ctx.publish(change);
                 }
             }
         }

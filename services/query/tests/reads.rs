@@ -735,3 +735,73 @@ async fn live_streams_are_told_to_reset_when_the_change_history_is_gone() {
     server.kill().await.unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_version_waiters_wake_only_for_their_document_and_read_once() {
+    let env = env("waiters").await;
+    let mut cfg = env.config.clone();
+    // No fallback re-read during this test: every read it counts is the first one or a wake-up.
+    cfg.min_version_recheck_ms = 600_000;
+    let svc = start(cfg).await;
+    let a = Uuid::new_v4();
+    env.send(&user_created(a, "a@example.com")).await;
+    svc.wait_caught_up().await;
+    let reads = || svc.metric("cqrs_query_min_version_reads_total", "");
+    assert_eq!(reads(), 0.0);
+
+    // 20 clients wait for version 3 of user a.
+    let waiters: Vec<_> = (0..20)
+        .map(|_| {
+            let (http, url) = (svc.http.clone(), svc.url(&format!("/user/{a}")));
+            tokio::spawn(async move {
+                let r = http
+                    .get(url)
+                    .header("X-Min-Version", "3")
+                    .header("Prefer", "wait=120")
+                    .send()
+                    .await
+                    .unwrap();
+                (r.status().as_u16(), r.json::<Value>().await.unwrap())
+            })
+        })
+        .collect();
+    assert!(wait_until(WAIT, || async { reads() >= 20.0 }).await);
+    assert_eq!(svc.ctx.waiters.len(), 20);
+
+    // 300 changes of other users wake none of them and make none of them read again.
+    let applied = || svc.metric("cqrs_query_events_applied_total", "");
+    let others: Vec<Uuid> = (0..150).map(|_| Uuid::new_v4()).collect();
+    for (i, u) in others.iter().enumerate() {
+        env.send(&user_created(*u, &format!("o{i}@example.com")))
+            .await;
+        env.send(&user_updated(*u, 2, &format!("o{i}@example.org"), "O"))
+            .await;
+    }
+    assert!(wait_until(WAIT, || async { applied() >= 301.0 }).await);
+    assert_eq!(
+        reads(),
+        20.0,
+        "waiters re-read on changes of other documents"
+    );
+    // Version 2 of user a is not enough either.
+    env.send(&user_updated(a, 2, "a@example.org", "A2")).await;
+    assert!(wait_until(WAIT, || async { applied() >= 302.0 }).await);
+    assert_eq!(reads(), 20.0, "waiters re-read before their version");
+    assert_eq!(svc.ctx.waiters.len(), 20);
+    assert!(waiters.iter().all(|w| !w.is_finished()));
+
+    // Version 3: each waiter reads once more and answers.
+    env.send(&user_updated(a, 3, "a@example.net", "A3")).await;
+    for w in waiters {
+        let (status, body) = w.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["version"], 3);
+    }
+    assert_eq!(
+        reads(),
+        40.0,
+        "each waiter read once when its version was reached"
+    );
+    assert!(svc.ctx.waiters.is_empty());
+    svc.stop().await;
+}

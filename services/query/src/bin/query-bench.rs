@@ -34,6 +34,16 @@ struct Args {
     rate: u64,
     #[arg(long, env = "BENCH_SECONDS", default_value_t = 10)]
     seconds: u64,
+    /// `all` (throughput table and lag) or `waiters` (apply throughput with and without concurrent
+    /// `X-Min-Version` waiters).
+    #[arg(long, env = "BENCH_MODE", default_value = "all")]
+    mode: String,
+    /// Concurrent `X-Min-Version` waiters (mode `waiters`), one per product.
+    #[arg(long, env = "BENCH_WAITERS", default_value_t = 2000)]
+    waiters: usize,
+    /// Updates per product during the waiters run (each waiter waits for the last one).
+    #[arg(long, env = "BENCH_UPDATES", default_value_t = 5)]
+    updates: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -321,6 +331,183 @@ async fn lag(args: &Args, producer: &FutureProducer) -> anyhow::Result<(f64, f64
     Ok((pct(0.5), pct(0.99), lags.len()))
 }
 
+/// Outcome of one waiters run.
+struct WaitersRun {
+    rate: f64,
+    ok: usize,
+    other: usize,
+    /// Waiters whose latency was measured.
+    measured: usize,
+    /// Waiter latency from its product's last version being applied to the answer: p50, p99 (s).
+    p50: f64,
+    p99: f64,
+}
+
+/// `products` products are created, then `updates` updates of each are produced while `waiters` clients (one
+/// per product, none if 0) wait with `X-Min-Version` for its last version. Returns the apply rate of the
+/// updates (first applied batch to last) and how the waiters fared.
+async fn waiters_run(
+    args: &Args,
+    producer: &FutureProducer,
+    products: usize,
+    waiters: usize,
+    updates: u64,
+) -> anyhow::Result<WaitersRun> {
+    let (mut cfg, topics) = fresh(args, "waiters").await?;
+    cfg.listen = "127.0.0.1:0".into();
+    cfg.min_version_wait_max_ms = 600_000;
+    let creates = workload(products, false);
+    produce(producer, &topics, &creates).await?;
+    let app = Application::build(cfg).await?;
+    let port = app.port();
+    let ctx = app.ctx();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(app.run_until_stopped(async move {
+        let _ = rx.await;
+    }));
+    let deadline = Instant::now() + Duration::from_secs(900);
+    while applied(&ctx) < products as f64 {
+        anyhow::ensure!(Instant::now() < deadline, "creates not applied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let last = 1 + updates;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(waiters.max(1))
+        .build()?;
+    // When each product reached its last version (from the apply loop's notices; a lagging subscriber misses
+    // some, which are then left out of the latency figures).
+    let reached: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
+    let listener = {
+        let (mut rx, reached) = (ctx.notices.subscribe(), reached.clone());
+        tokio::spawn(async move {
+            loop {
+                match rx.recv().await {
+                    Ok(Notice::Changed(c)) if c.version == last => {
+                        if let Ok(mut m) = reached.lock() {
+                            m.insert(c.id.clone(), Instant::now());
+                        }
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        })
+    };
+    let mut pending = Vec::with_capacity(waiters);
+    for e in creates.iter().take(waiters) {
+        let (http, id, reached) = (http.clone(), e.aggregate_id, reached.clone());
+        pending.push(tokio::spawn(async move {
+            let r = http
+                .get(format!("http://127.0.0.1:{port}/product/{id}"))
+                .header("X-Min-Version", last.to_string())
+                .header("Prefer", "wait=600")
+                .send()
+                .await;
+            let answered = Instant::now();
+            let at = reached
+                .lock()
+                .ok()
+                .and_then(|m| m.get(&id.to_string()).copied());
+            let latency = at.map(|t| answered.saturating_duration_since(t).as_secs_f64());
+            (r.map(|r| r.status().as_u16()).unwrap_or(0), latency)
+        }));
+    }
+    // Let the waiters connect and start waiting (a benchmark, not a test: a pause is good enough here).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    anyhow::ensure!(
+        pending.iter().all(|h| !h.is_finished()),
+        "a waiter returned before the updates"
+    );
+    let mut events = Vec::new();
+    for v in 2..=last {
+        events.extend(creates.iter().map(|e| {
+            Envelope::new(
+                e.aggregate_id,
+                v,
+                EventPayload::ProductUpdated(ProductUpdated {
+                    name: format!("v{v}"),
+                    price_cents: 1999 + v as i64,
+                    description: None,
+                }),
+            )
+        }));
+    }
+    let target = (products + events.len()) as f64;
+    let measure = {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let mut first: Option<(Instant, f64)> = None;
+            let deadline = Instant::now() + Duration::from_secs(900);
+            loop {
+                let a = applied(&ctx);
+                if a > products as f64 && first.is_none() {
+                    first = Some((Instant::now(), a));
+                }
+                if a >= target {
+                    let (t0, a0) = first.unwrap_or((Instant::now(), 0.0));
+                    break Ok((a - a0) / t0.elapsed().as_secs_f64().max(1e-3));
+                }
+                if Instant::now() >= deadline {
+                    break Err(anyhow::anyhow!("only {a} of {target} applied"));
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    produce(producer, &topics, &events).await?;
+    let rate = measure.await??;
+    let (mut ok, mut other, mut lat) = (0, 0, Vec::new());
+    for h in pending {
+        let (status, latency) = h.await?;
+        if status == 200 {
+            ok += 1;
+        } else {
+            other += 1;
+        }
+        lat.extend(latency);
+    }
+    listener.abort();
+    let _ = tx.send(());
+    run.await??;
+    let measured = lat.len();
+    lat.sort_by(f64::total_cmp);
+    let pct = |q: f64| {
+        lat.get(((lat.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    Ok(WaitersRun {
+        rate,
+        ok,
+        other,
+        measured,
+        p50: pct(0.5),
+        p99: pct(0.99),
+    })
+}
+
+async fn waiters_mode(args: &Args, producer: &FutureProducer) -> anyhow::Result<()> {
+    let products = args.waiters.max(1);
+    // Alternated, twice, so that the shared machine's drifting load hits both sides alike.
+    for round in 1..=2 {
+        for waiters in [0, args.waiters] {
+            let r = waiters_run(args, producer, products, waiters, args.updates).await?;
+            println!(
+                "round {round}: {waiters:>5} waiters: apply {:>6.0} events/s ({} updates of {products} products); \
+                 waiters: {} answered 200, {} other; applied → answered p50 {:.1} ms, p99 {:.1} ms (of {})",
+                r.rate,
+                products as u64 * args.updates,
+                r.ok,
+                r.other,
+                r.p50 * 1000.0,
+                r.p99 * 1000.0,
+                r.measured
+            );
+        }
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -329,6 +516,9 @@ async fn main() -> anyhow::Result<()> {
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
         .create()?;
+    if args.mode == "waiters" {
+        return waiters_mode(&args, &producer).await;
+    }
     let n = args.events;
     // The machine is shared and its load drifts, so every projection run is bracketed by raw measurements of
     // the same server (before and after) and compared with their mean.
