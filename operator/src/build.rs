@@ -11,10 +11,10 @@ use k8s_openapi::{
         },
         core::v1::{
             Capabilities, ConfigMap, ConfigMapEnvSource, Container, ContainerPort,
-            EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction,
-            ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-            SeccompProfile, SecretEnvSource, SecretKeySelector, SecurityContext, Service,
-            ServicePort, ServiceSpec, Volume, VolumeMount,
+            EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction, Lifecycle,
+            LifecycleHandler, PodSecurityContext, PodSpec, PodTemplateSpec,
+            Probe, SeccompProfile, SecretEnvSource, SecretKeySelector, SecurityContext, Service,
+            ServicePort, ServiceSpec, SleepAction, Volume, VolumeMount,
         },
         policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec},
     },
@@ -41,10 +41,14 @@ pub const TOPICS: [&str; 4] = ["users", "products", "orders", "dlq"];
 pub const RUN_AS: i64 = 65532;
 /// The pods' `terminationGracePeriodSeconds`: after it the kubelet sends SIGKILL.
 pub const TERMINATION_GRACE_SECONDS: i64 = 30;
+/// A terminating pod keeps serving this long before it gets SIGTERM (a `preStop` sleep): its endpoint's
+/// removal has to reach every kube-proxy (and the clients' connection pools) first. Without it, the rolling
+/// update on the local cluster failed requests on connections to pods that had already stopped accepting.
+pub const PRE_STOP_SECONDS: i64 = 5;
 /// The services' own shutdown budget (mutation's `SHUTDOWN_TIMEOUT_SECS`, the gateway's
-/// `GATEWAY_DRAIN_TIMEOUT`), derived from the grace period so it always ends before the SIGKILL: the margin
-/// covers the endpoint removal racing the SIGTERM and the process exit itself.
-pub const SHUTDOWN_BUDGET_SECONDS: i64 = TERMINATION_GRACE_SECONDS - 5;
+/// `GATEWAY_DRAIN_TIMEOUT`), derived from the grace period so it always ends before the SIGKILL. The grace
+/// period counts from the start of the preStop sleep; the margin covers the process exit itself.
+pub const SHUTDOWN_BUDGET_SECONDS: i64 = TERMINATION_GRACE_SECONDS - PRE_STOP_SECONDS - 5;
 
 /// The three services of a stack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -325,21 +329,6 @@ fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
     }
 }
 
-/// An env var from the pod's own fields (downward API).
-fn field_env(name: &str, field_path: &str) -> EnvVar {
-    EnvVar {
-        name: name.to_owned(),
-        value_from: Some(EnvVarSource {
-            field_ref: Some(ObjectFieldSelector {
-                field_path: field_path.to_owned(),
-                ..ObjectFieldSelector::default()
-            }),
-            ..EnvVarSource::default()
-        }),
-        ..EnvVar::default()
-    }
-}
-
 fn probe(path: &str, period: i32, failure_threshold: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
@@ -381,10 +370,12 @@ fn deployment(d: &Desired, c: Component, cs: &ComponentSpec, config_hash: &str) 
         Component::Query => (
             &spec.images.query,
             vec![
+                // No QUERY_INSTANCE_ID (static group membership) for Deployment pods: a static member does not
+                // leave the group when it stops, and a Deployment's replacement pods have new names, so every
+                // rolling update left the old pods' partitions unconsumed for the session timeout (reads with
+                // X-Min-Version answered 503 on the local cluster). A dynamic member leaves on SIGTERM and its
+                // partitions move at once; a container killed in place costs the session timeout (10 s).
                 secret_env("MONGO_URL", &spec.mongo.secret_name, &spec.mongo.key),
-                // Static consumer-group membership under the pod name: a container restart (same pod) gets
-                // its partitions back at once instead of after the session timeout.
-                field_env("QUERY_INSTANCE_ID", "metadata.name"),
             ],
             None,
         ),
@@ -421,6 +412,15 @@ fn deployment(d: &Desired, c: Component, cs: &ComponentSpec, config_hash: &str) 
         startup_probe: Some(probe("/healthz", 2, 30)),
         liveness_probe: Some(probe("/healthz", 10, 3)),
         readiness_probe: Some(probe("/readyz", 5, 3)),
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                sleep: Some(SleepAction {
+                    seconds: PRE_STOP_SECONDS,
+                }),
+                ..LifecycleHandler::default()
+            }),
+            ..Lifecycle::default()
+        }),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),

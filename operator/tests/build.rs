@@ -260,8 +260,8 @@ fn configuration_and_secrets_reach_the_right_service() {
             ("CREATE_TOPICS", "false"),
             ("TOPIC_PARTITIONS", "12"),
             ("TOPIC_REPLICATION", "3"),
-            ("SHUTDOWN_TIMEOUT_SECS", "25"),
-            ("GATEWAY_DRAIN_TIMEOUT", "25s"),
+            ("SHUTDOWN_TIMEOUT_SECS", "20"),
+            ("GATEWAY_DRAIN_TIMEOUT", "20s"),
         ]
         .map(|(k, v)| (k.to_owned(), v.to_owned())),
     );
@@ -273,7 +273,11 @@ fn configuration_and_secrets_reach_the_right_service() {
     }
     let gw = container(&deployment(&children, "shop-gateway"));
     assert_eq!(
-        gw.env_from.unwrap()[1].secret_ref.as_ref().unwrap().name,
+        gw.env_from.as_ref().unwrap()[1]
+            .secret_ref
+            .as_ref()
+            .unwrap()
+            .name,
         "auth-secret"
     );
     let secret = |c: &Container, var: &str| {
@@ -298,17 +302,30 @@ fn configuration_and_secrets_reach_the_right_service() {
         secret(&qu, "MONGO_URL"),
         ("mongo-secret".to_owned(), "url".to_owned())
     );
-    // The query service's consumer-group instance id is its pod name (static membership).
-    let instance = qu
-        .env
-        .as_ref()
-        .unwrap()
-        .iter()
-        .find(|e| e.name == "QUERY_INSTANCE_ID")
-        .and_then(|e| e.value_from.as_ref())
-        .and_then(|v| v.field_ref.as_ref())
-        .map(|f| f.field_path.clone());
-    assert_eq!(instance.as_deref(), Some("metadata.name"));
+    // Dynamic group membership: a static member (QUERY_INSTANCE_ID) would not leave the group when a rolling
+    // update replaces its pod, and its partitions would stall for the session timeout.
+    assert!(
+        qu.env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .all(|e| e.name != "QUERY_INSTANCE_ID"),
+        "query pods must not be static group members"
+    );
+    // Every container keeps serving through a preStop sleep before SIGTERM, inside the grace period.
+    for c in [&gw, &mu, &qu] {
+        let sleep = c
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.pre_stop.as_ref())
+            .and_then(|p| p.sleep.as_ref())
+            .map(|s| s.seconds);
+        assert_eq!(sleep, Some(cqrs_operator::build::PRE_STOP_SECONDS));
+    }
+    assert!(
+        cqrs_operator::build::PRE_STOP_SECONDS + cqrs_operator::build::SHUTDOWN_BUDGET_SECONDS
+            < cqrs_operator::build::TERMINATION_GRACE_SECONDS
+    );
     assert!(
         mu.env.unwrap().iter().all(|e| e.name != "MONGO_URL"),
         "each service gets only its own secrets"
