@@ -876,6 +876,27 @@ async fn drive_rebuild(
             );
         }
     };
+    if state.serving > target {
+        // Reads were moved past the spec through query's admin API; query never goes back (409), so this waits
+        // for the spec to catch up instead of retrying a start that cannot succeed.
+        conds.set(
+            conditions::REBUILDING,
+            "False",
+            "ServingNewerThanSpec",
+            format!(
+                "query serves generation {}, newer than spec.projections.generation {target}; set the spec to {} or higher",
+                state.serving, state.serving
+            ),
+        );
+        return (
+            ProjectionStatus {
+                serving: Some(state.serving),
+                target: Some(target),
+                ..Default::default()
+            },
+            Some(ctx.config.lag_poll),
+        );
+    }
     if state.serving == target {
         ctx.metrics
             .rebuild_progress
@@ -925,7 +946,33 @@ async fn drive_rebuild(
             conds.set(conditions::REBUILDING, "False", "RebuildFailed", format!("rebuild of generation {target} failed; bump spec.projections.generation to retry"));
             (status_of(r), None)
         }
-        Some(r) if r.generation == target && r.state != "cancelled" => {
+        Some(r) if r.generation == target && r.state == "cancelled" => {
+            // Cancelled through query's admin API: a person decided; it stays cancelled until the spec names
+            // another generation (see docs/OPERATOR.md, "Who owns a rebuild").
+            let message = format!(
+                "rebuild of generation {target} was cancelled through the query admin API; set spec.projections.generation to another generation to rebuild again"
+            );
+            if !has_condition(
+                Some(previous),
+                conditions::REBUILDING,
+                "RebuildCancelled",
+                obj.metadata.generation,
+            ) {
+                publish(
+                    ctx,
+                    obj,
+                    EventType::Warning,
+                    "RebuildCancelled",
+                    "Rebuild",
+                    message.clone(),
+                )
+                .await;
+            }
+            conds.set(conditions::REBUILDING, "False", "RebuildCancelled", message);
+            // Still polled: a restart through the admin API shows up as running again.
+            (status_of(r), poll)
+        }
+        Some(r) if r.generation == target => {
             let progress = r.progress.unwrap_or(0.0);
             ctx.metrics
                 .rebuild_progress
@@ -974,10 +1021,14 @@ async fn drive_rebuild(
                     );
                 }
                 Err(e) => {
+                    let reason = match e {
+                        crate::rebuild::AdminError::Refused { .. } => "RebuildRefused",
+                        crate::rebuild::AdminError::Http { .. } => "QueryUnreachable",
+                    };
                     conds.set(
                         conditions::REBUILDING,
                         "True",
-                        "QueryUnreachable",
+                        reason,
                         format!("could not start rebuild of generation {target}: {e}"),
                     );
                 }

@@ -13,6 +13,13 @@ use serde::{Deserialize, Serialize};
 pub enum AdminError {
     #[error("query admin API at {url}: {source}")]
     Http { url: String, source: reqwest::Error },
+    /// Query answered and refused (4xx, e.g. 409: its serving generation is newer): retrying will not help.
+    #[error("query admin API at {url} refused: HTTP {status}: {body}")]
+    Refused {
+        url: String,
+        status: u16,
+        body: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -113,13 +120,23 @@ impl AdminClient {
             url: url.clone(),
             source,
         };
-        self.http
+        let res = self
+            .http
             .post(&url)
             .json(&serde_json::json!({ "generation": generation }))
             .send()
             .await
-            .and_then(reqwest::Response::error_for_status)
             .map_err(fail)?;
+        if res.status().is_client_error() {
+            let status = res.status().as_u16();
+            let body = res.text().await.unwrap_or_default();
+            return Err(AdminError::Refused {
+                url: url.clone(),
+                status,
+                body,
+            });
+        }
+        res.error_for_status().map_err(fail)?;
         Ok(())
     }
 }

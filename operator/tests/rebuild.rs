@@ -40,10 +40,20 @@ struct Admin {
 
 type Shared = Arc<Mutex<Admin>>;
 
-async fn start_rebuild(State(s): State<Shared>, Json(body): Json<Value>) -> Json<Value> {
+async fn start_rebuild(
+    State(s): State<Shared>,
+    Json(body): Json<Value>,
+) -> Result<Json<Value>, (axum::http::StatusCode, Json<Value>)> {
     let n = body["generation"].as_i64().expect("generation");
     let mut a = s.lock().unwrap();
     a.posts.push(n);
+    if n < a.serving {
+        // As query answers: it never goes back to an older generation.
+        return Err((
+            axum::http::StatusCode::CONFLICT,
+            Json(json!({"type": "generation-conflict", "status": 409})),
+        ));
+    }
     let same = a
         .rebuild
         .as_ref()
@@ -56,7 +66,18 @@ async fn start_rebuild(State(s): State<Shared>, Json(body): Json<Value>) -> Json
         }
         a.rebuild = Some((n, "running".into(), 0.0, 100));
     }
-    Json(json!({"generation": n}))
+    Ok(Json(json!({"generation": n})))
+}
+
+/// `DELETE /admin/projections/rebuild`, as query does it: the running rebuild becomes `cancelled`.
+async fn cancel_rebuild(State(s): State<Shared>) -> Json<Value> {
+    let mut a = s.lock().unwrap();
+    if let Some(r) = a.rebuild.as_mut()
+        && (r.1 == "running" || r.1 == "caughtUp")
+    {
+        r.1 = "cancelled".into();
+    }
+    Json(json!({"serving": a.serving}))
 }
 
 async fn projections(State(s): State<Shared>) -> Json<Value> {
@@ -93,7 +114,10 @@ async fn projections(State(s): State<Shared>) -> Json<Value> {
 async fn admin_server(state: Shared) -> String {
     let app = Router::new()
         .route("/admin/projections", get(projections))
-        .route("/admin/projections/rebuild", post(start_rebuild))
+        .route(
+            "/admin/projections/rebuild",
+            post(start_rebuild).delete(cancel_rebuild),
+        )
         .with_state(state);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -370,4 +394,93 @@ async fn a_running_rebuild_is_polled_on_its_timer_not_in_a_loop() {
     // It did keep polling: the status follows the rebuild's lag.
     assert!(g1 > g0, "the running rebuild was not polled at all");
     op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_through_query_sticks_and_a_newer_serving_generation_is_not_unreachable() {
+    let client = client().await;
+    let ns = namespace(&client, "rebuild-owner").await;
+    let admin: Shared = Arc::new(Mutex::new(Admin {
+        serving: 1,
+        ..Admin::default()
+    }));
+    let url = admin_server(admin.clone()).await;
+    let config = cqrs_operator::Config {
+        query_url_template: url.clone(),
+        ..config_for(&ns)
+    };
+    let _op = Operator::start(client.clone(), config);
+    let stacks: Api<CqrsStack> = Api::namespaced(client.clone(), &ns);
+    stacks
+        .create(&PostParams::default(), &sample_stack("rb"))
+        .await
+        .expect("create");
+    wait_projection(&stacks, "initial status", |s| rebuilding(s).is_some()).await;
+    let bump = |g: i64| {
+        let stacks = stacks.clone();
+        async move {
+            stacks
+                .patch(
+                    "rb",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"spec": {"projections": {"generation": g}}})),
+                )
+                .await
+        }
+    };
+    bump(2).await.expect("bump");
+    wait_projection(&stacks, "rebuild 2 running", |s| {
+        rebuilding(s) == Some(("True".into(), "Running".into()))
+    })
+    .await;
+
+    // Someone cancels generation 2 through query's admin API: the operator reports it and does not restart it.
+    let r = reqwest::Client::new()
+        .delete(format!("{url}/admin/projections/rebuild"))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    wait_projection(&stacks, "RebuildCancelled", |s| {
+        rebuilding(s) == Some(("False".into(), "RebuildCancelled".into()))
+    })
+    .await;
+    let seen = admin.lock().unwrap().gets;
+    wait_for("three more operator polls", TIMEOUT, || async {
+        (admin.lock().unwrap().gets >= seen + 3).then_some(())
+    })
+    .await;
+    assert_eq!(
+        admin.lock().unwrap().posts,
+        vec![2],
+        "the cancel was undone"
+    );
+    let s = stacks.get("rb").await.unwrap();
+    assert_eq!(
+        rebuilding(&s),
+        Some(("False".into(), "RebuildCancelled".into()))
+    );
+
+    // Query serves a generation newer than the spec (rebuilt through its admin API): reported as such, and
+    // no start is tried that query must refuse.
+    admin.lock().unwrap().serving = 5;
+    let s = wait_projection(&stacks, "ServingNewerThanSpec", |s| {
+        rebuilding(s) == Some(("False".into(), "ServingNewerThanSpec".into()))
+    })
+    .await;
+    assert_eq!(
+        s.status
+            .as_ref()
+            .and_then(|st| st.projections.as_ref())
+            .and_then(|p| p.serving),
+        Some(5)
+    );
+    assert_eq!(admin.lock().unwrap().posts, vec![2]);
+    // A spec past it brings the two together again: 6 is started.
+    bump(6).await.expect("bump to 6");
+    wait_projection(&stacks, "rebuild 6 running", |s| {
+        rebuilding(s) == Some(("True".into(), "Running".into()))
+    })
+    .await;
+    assert_eq!(admin.lock().unwrap().posts, vec![2, 6]);
 }
