@@ -177,7 +177,18 @@ impl Supervisor {
         self.local.lock().await.started = true;
         let meta = Self::read_meta(&self.ctx).await?;
         let wanted = self.ctx.config.projection_generation;
-        if wanted > meta.serving
+        let cancelled = meta.rebuild.as_ref().is_some_and(|r| {
+            r.generation == wanted && (r.state == "cancelled" || r.state == "failed")
+        });
+        if wanted > meta.serving && cancelled {
+            // Cancelled through the admin API: a restart (with the same configuration) does not undo that. A
+            // POST of the generation, or another generation, starts a rebuild again (docs/OPERATOR.md).
+            tracing::warn!(
+                wanted,
+                serving = meta.serving,
+                "the rebuild to PROJECTION_GENERATION was cancelled; not restarting it"
+            );
+        } else if wanted > meta.serving
             && meta
                 .rebuild
                 .as_ref()

@@ -805,3 +805,50 @@ async fn min_version_waiters_wake_only_for_their_document_and_read_once() {
     assert!(svc.ctx.waiters.is_empty());
     svc.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_does_not_undo_a_cancelled_rebuild() {
+    let env = env("cancel-sticks").await;
+    // Unconsumed events keep the rebuild's lag above 0 (a replica without apply loops), so it never switches.
+    env.send(&user_created(Uuid::new_v4(), "a@example.com"))
+        .await;
+    let mut cfg = env.config.clone();
+    cfg.consume = false;
+    start(cfg.clone()).await.stop().await;
+    // The operator's generation bump: the configuration says 2, the database serves 1.
+    cfg.projection_generation = 2;
+    let svc = start(cfg.clone()).await;
+    let p = svc.get_json("/admin/projections").await;
+    assert_eq!(
+        (p["serving"].as_u64(), p["rebuild"]["state"].as_str()),
+        (Some(1), Some("running")),
+        "{p}"
+    );
+    let r = svc
+        .http
+        .delete(svc.url("/admin/projections/rebuild"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    svc.stop().await;
+    // The same configuration (PROJECTION_GENERATION=2) starts again: the cancel stands.
+    let svc = start(cfg).await;
+    let p = svc.get_json("/admin/projections").await;
+    assert_eq!(p["rebuild"]["generation"], 2, "{p}");
+    assert_eq!(p["rebuild"]["state"], "cancelled", "{p}");
+    // An explicit request restarts it.
+    let r = svc
+        .http
+        .post(svc.url("/admin/projections/rebuild"))
+        .json(&json!({"generation": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["rebuild"]["state"],
+        "running"
+    );
+    svc.stop().await;
+}
