@@ -46,6 +46,9 @@ struct Args {
     updates: u64,
 }
 
+/// The fallback re-read of the waiters run without it (longer than any run): only wake-ups read.
+const NO_FALLBACK_MS: u64 = 3_600_000;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Creates,
@@ -352,9 +355,11 @@ async fn waiters_run(
     products: usize,
     waiters: usize,
     updates: u64,
+    recheck_ms: u64,
 ) -> anyhow::Result<WaitersRun> {
     let (mut cfg, topics) = fresh(args, "waiters").await?;
     cfg.listen = "127.0.0.1:0".into();
+    cfg.min_version_recheck_ms = recheck_ms;
     cfg.min_version_wait_max_ms = 600_000;
     let creates = workload(products, false);
     produce(producer, &topics, &creates).await?;
@@ -490,10 +495,20 @@ async fn waiters_mode(args: &Args, producer: &FutureProducer) -> anyhow::Result<
     let products = args.waiters.max(1);
     // Alternated, twice, so that the shared machine's drifting load hits both sides alike.
     for round in 1..=2 {
-        for waiters in [0, args.waiters] {
-            let r = waiters_run(args, producer, products, waiters, args.updates).await?;
+        let default = cqrs_query::QueryConfig::new("", "").min_version_recheck_ms;
+        for (waiters, recheck) in [
+            (0, default),
+            (args.waiters, default),
+            (args.waiters, NO_FALLBACK_MS),
+        ] {
+            let r = waiters_run(args, producer, products, waiters, args.updates, recheck).await?;
+            let fallback = if recheck == NO_FALLBACK_MS {
+                "no fallback re-read".to_owned()
+            } else {
+                format!("fallback re-read from {recheck} ms")
+            };
             println!(
-                "round {round}: {waiters:>5} waiters: apply {:>6.0} events/s ({} updates of {products} products); \
+                "round {round}: {waiters:>5} waiters ({fallback}): apply {:>6.0} events/s ({} updates of {products} products); \
                  waiters: {} answered 200, {} other; applied → answered p50 {:.1} ms, p99 {:.1} ms (of {})",
                 r.rate,
                 products as u64 * args.updates,
