@@ -21,6 +21,8 @@ pub struct KafkaConfig {
     pub dir: PathBuf,
     /// JVM heap (`-Xmx`), e.g. "768m".
     pub heap: String,
+    /// The address clients use (listened on and advertised); the controller stays on 127.0.0.1.
+    pub host: String,
 }
 
 /// One Kafka node. Dropping a private one kills it and deletes its files.
@@ -39,6 +41,7 @@ impl KafkaConfig {
             controller_port: proc::free_port()?,
             dir,
             heap: "768m".into(),
+            host: proc::loopback(),
         })
     }
 }
@@ -80,7 +83,7 @@ impl Kafka {
     }
 
     pub fn bootstrap(&self) -> String {
-        format!("127.0.0.1:{}", self.cfg.port)
+        format!("{}:{}", self.cfg.host, self.cfg.port)
     }
     pub fn port(&self) -> u16 {
         self.cfg.port
@@ -101,6 +104,7 @@ impl Kafka {
             port,
             controller_port,
             dir,
+            host,
             ..
         } = &self.cfg;
         std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
@@ -111,8 +115,8 @@ impl Kafka {
             "process.roles=broker,controller\n\
              node.id=1\n\
              controller.quorum.bootstrap.servers=127.0.0.1:{controller_port}\n\
-             listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}\n\
-             advertised.listeners=PLAINTEXT://127.0.0.1:{port}\n\
+             listeners=PLAINTEXT://{host}:{port},CONTROLLER://127.0.0.1:{controller_port}\n\
+             advertised.listeners=PLAINTEXT://{host}:{port}\n\
              controller.listener.names=CONTROLLER\n\
              inter.broker.listener.name=PLAINTEXT\n\
              listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT\n\

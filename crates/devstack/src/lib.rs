@@ -26,7 +26,7 @@ pub use install::{Installer, cache_dir};
 pub use kafka::{Kafka, KafkaConfig};
 pub use mongo::{Mongo, MongoConfig, MongoServer};
 pub use postgres::{Postgres, PostgresConfig};
-pub use proc::free_port;
+pub use proc::{LOOPBACK, free_port, loopback, port_open_on};
 pub use shared::{
     Ensured, ProfileSpec, SharedStack, StackState, TestEnv, ensure_stack, shared_stack,
     stack_state, stop_stack, test_env,

@@ -48,6 +48,16 @@ enum Cmd {
     Start {
         #[arg(long, env = "CQRS_TEST_PROFILE", default_value = "test")]
         profile: String,
+        /// Listen (also) on this address and name it in the URLs, e.g. the local cluster's node address so
+        /// that its pods reach these servers as they would a managed database.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// Client range PostgreSQL trusts on `--host` (e.g. the cluster's pod range).
+        #[arg(long)]
+        clients: Option<String>,
+        /// fsync on: what a test that kills pods under load and then counts what survived needs.
+        #[arg(long)]
+        durable: bool,
     },
     /// Stop a profile's infrastructure (throwaway profiles are deleted).
     Stop {
@@ -66,9 +76,20 @@ async fn main() -> anyhow::Result<()> {
     let Args { command, telemetry } = Args::parse();
     telemetry.init();
     match command {
-        Cmd::Start { profile } => {
+        Cmd::Start {
+            profile,
+            host,
+            clients,
+            durable,
+        } => {
             let t = Instant::now();
-            let e = ensure_stack(&ProfileSpec::test(&profile)).await?;
+            let spec = ProfileSpec {
+                host,
+                clients,
+                durable,
+                ..ProfileSpec::test(&profile)
+            };
+            let e = ensure_stack(&spec).await?;
             eprintln!(
                 "devstack: profile {profile} ready in {:.1}s (started: {})",
                 t.elapsed().as_secs_f64(),

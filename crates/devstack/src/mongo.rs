@@ -74,6 +74,8 @@ pub struct MongoConfig {
     /// majority-acknowledged write is journaled. Tests that kill the server need it; it costs throughput.
     /// FerretDB on SQLite: `synchronous(full)` rather than `normal` (in WAL mode both survive a `kill -9`).
     pub sync_on_commit: bool,
+    /// The address it listens on (127.0.0.1 unless a profile says otherwise).
+    pub host: String,
 }
 
 /// A Mongo-wire server. Dropping a private one kills it and deletes its files.
@@ -102,6 +104,7 @@ impl Mongo {
             storage: Some(dir.join("data")),
             sync_on_commit: true,
             dir,
+            host: proc::loopback(),
         };
         let mut m = Self::start_with(cfg).await?;
         m.owned = true;
@@ -127,7 +130,7 @@ impl Mongo {
     }
 
     pub fn url(&self) -> String {
-        mongo_url(self.cfg.port)
+        mongo_url(&self.cfg.host, self.cfg.port)
     }
     pub fn server(&self) -> &MongoServer {
         &self.cfg.server
@@ -161,7 +164,7 @@ impl Mongo {
                 let mut c = Command::new(Installer::global().mongo_exe().await?);
                 c.args([
                     "--host",
-                    "127.0.0.1",
+                    &self.cfg.host,
                     "--port",
                     &port,
                     "--storage-path",
@@ -192,7 +195,7 @@ impl Mongo {
                 };
                 let mut c = Command::new(Installer::global().ferretdb_exe().await?);
                 c.arg("--listen")
-                    .arg(format!("127.0.0.1:{port}"))
+                    .arg(format!("{}:{port}", self.cfg.host))
                     .args(["--handler", "sqlite", "--sqlite-synchronous", sync])
                     .arg("--sqlite-dir")
                     .arg(data);
@@ -200,12 +203,9 @@ impl Mongo {
             }
             MongoServer::FerretPostgres { url } => {
                 let mut c = Command::new(Installer::global().ferretdb_exe().await?);
-                c.arg("--listen").arg(format!("127.0.0.1:{port}")).args([
-                    "--handler",
-                    "postgresql",
-                    "--postgresql-url",
-                    url,
-                ]);
+                c.arg("--listen")
+                    .arg(format!("{}:{port}", self.cfg.host))
+                    .args(["--handler", "postgresql", "--postgresql-url", url]);
                 c
             }
         };
@@ -228,7 +228,7 @@ impl Mongo {
                     log: self.log_path(),
                 });
             }
-            if proc::port_open(self.cfg.port) && ping(&self.url()).await {
+            if proc::port_open_on(&self.cfg.host, self.cfg.port) && ping(&self.url()).await {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -262,8 +262,8 @@ impl Mongo {
     }
 }
 
-pub(crate) fn mongo_url(port: u16) -> String {
-    format!("mongodb://127.0.0.1:{port}/?directConnection=true")
+pub(crate) fn mongo_url(host: &str, port: u16) -> String {
+    format!("mongodb://{host}:{port}/?directConnection=true")
 }
 
 pub(crate) async fn ping(url: &str) -> bool {

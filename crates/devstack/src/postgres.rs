@@ -17,6 +17,11 @@ pub struct PostgresConfig {
     pub dir: PathBuf,
     /// `false` turns off fsync and friends: fine for tests, never for benchmarks.
     pub durable: bool,
+    /// Where it listens besides 127.0.0.1 and what its URLs name (127.0.0.1 by default). The local cluster's
+    /// pods reach the host's servers at the node's address, as they would a managed database.
+    pub host: String,
+    /// Client addresses allowed from `host` (a CIDR, e.g. the cluster's pod range), trusted like loopback.
+    pub clients: Option<String>,
 }
 
 /// A PostgreSQL cluster on 127.0.0.1. Dropping a private one stops it and deletes its files.
@@ -50,6 +55,8 @@ impl Postgres {
             port: proc::free_port()?,
             dir: base_dir().join(format!("private-{}", uuid::Uuid::new_v4().simple())),
             durable,
+            host: proc::loopback(),
+            clients: None,
         };
         let mut pg = Self::start_with(cfg).await?;
         pg.owned = true;
@@ -65,6 +72,7 @@ impl Postgres {
             owned: false,
         };
         pg.init()?;
+        pg.allow_clients()?;
         pg.pg_ctl_start()?;
         Ok(pg)
     }
@@ -86,7 +94,10 @@ impl Postgres {
         &self.cfg.dir
     }
     pub fn url(&self, database: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{database}", self.cfg.port)
+        format!(
+            "postgres://postgres@{}:{}/{database}",
+            self.cfg.host, self.cfg.port
+        )
     }
     pub fn log_path(&self) -> PathBuf {
         self.cfg.dir.join("log")
@@ -131,9 +142,40 @@ impl Postgres {
         proc::run(c, "initdb").map(|_| ())
     }
 
+    /// Lets `clients` and the host's own address connect (trusted, like loopback): idempotent lines in
+    /// pg_hba.conf. A connection to `host` from this machine comes from `host` itself.
+    fn allow_clients(&self) -> Result<()> {
+        let mut allowed: Vec<String> = self.cfg.clients.iter().cloned().collect();
+        if self.cfg.host != proc::LOOPBACK {
+            allowed.push(format!("{}/32", self.cfg.host));
+        }
+        if allowed.is_empty() {
+            return Ok(());
+        }
+        let path = self.data().join("pg_hba.conf");
+        let mut text =
+            std::fs::read_to_string(&path).ctx(|| format!("reading {}", path.display()))?;
+        let before = text.len();
+        for cidr in allowed {
+            let line = format!("host all all {cidr} trust");
+            if !text.lines().any(|l| l.trim() == line) {
+                text.push_str(&format!("# clients on {}\n{line}\n", self.cfg.host));
+            }
+        }
+        if text.len() != before {
+            std::fs::write(&path, text).ctx(|| format!("writing {}", path.display()))?;
+        }
+        Ok(())
+    }
+
     fn pg_ctl_start(&self) -> Result<()> {
+        let listen = if self.cfg.host == proc::LOOPBACK {
+            self.cfg.host.clone()
+        } else {
+            format!("127.0.0.1,{}", self.cfg.host)
+        };
         let mut opts = format!(
-            "-c listen_addresses=127.0.0.1 -p {} -k {} -c max_connections=300 -c shared_buffers=128MB",
+            "-c listen_addresses={listen} -p {} -k {} -c max_connections=300 -c shared_buffers=128MB",
             self.cfg.port,
             self.cfg.dir.display()
         );
@@ -184,7 +226,7 @@ impl Postgres {
     }
 
     pub fn running(&self) -> bool {
-        self.pid().is_some_and(proc::pid_alive) && proc::port_open(self.cfg.port)
+        self.pid().is_some_and(proc::pid_alive) && proc::port_open_on(&self.cfg.host, self.cfg.port)
     }
 
     /// Creates a database (no error when it exists).

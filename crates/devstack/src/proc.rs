@@ -59,8 +59,20 @@ pub fn pid_alive(pid: u32) -> bool {
     }
 }
 
-pub fn port_open(port: u16) -> bool {
-    TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(300)).is_ok()
+/// Whether something accepts connections at `host:port` (`host` an IP address).
+pub fn port_open_on(host: &str, port: u16) -> bool {
+    let Ok(ip) = host.parse::<std::net::IpAddr>() else {
+        return false;
+    };
+    TcpStream::connect_timeout(&(ip, port).into(), Duration::from_millis(300)).is_ok()
+}
+
+/// The address servers listen on unless a profile says otherwise.
+pub const LOOPBACK: &str = "127.0.0.1";
+
+/// The default for the `host` of a server config (serde and struct defaults).
+pub fn loopback() -> String {
+    LOOPBACK.to_owned()
 }
 
 /// Sends `sig` to the process group led by `pid` (falls back to the process alone).

@@ -40,17 +40,26 @@ pub struct StackState {
     pub mongo_pid: u32,
     /// Throwaway profiles have their directories deleted on stop.
     pub throwaway: bool,
+    /// The address the servers listen on and their URLs name (state files of before: 127.0.0.1).
+    #[serde(default = "proc::loopback")]
+    pub host: String,
+    /// Clients PostgreSQL trusts from `host` (a CIDR), if any.
+    #[serde(default)]
+    pub clients: Option<String>,
 }
 
 impl StackState {
     pub fn pg_url(&self, database: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{database}", self.pg_port)
+        format!(
+            "postgres://postgres@{}:{}/{database}",
+            self.host, self.pg_port
+        )
     }
     pub fn kafka_bootstrap(&self) -> String {
-        format!("127.0.0.1:{}", self.kafka_port)
+        format!("{}:{}", self.host, self.kafka_port)
     }
     pub fn mongo_url(&self) -> String {
-        mongo_url(self.mongo_port)
+        mongo_url(&self.host, self.mongo_port)
     }
     /// `KEY=value` lines for a shell or an env file.
     pub fn env_lines(&self) -> Vec<String> {
@@ -76,6 +85,10 @@ pub struct ProfileSpec {
     pub durable: bool,
     pub mongo_in_memory: bool,
     pub throwaway: bool,
+    /// Where the servers listen (127.0.0.1, or also an address pods can reach, e.g. the local cluster's node).
+    pub host: String,
+    /// Clients PostgreSQL trusts from `host` (a CIDR such as the cluster's pod range).
+    pub clients: Option<String>,
 }
 
 impl ProfileSpec {
@@ -91,6 +104,8 @@ impl ProfileSpec {
             durable: false,
             mongo_in_memory: true,
             throwaway: true,
+            host: proc::loopback(),
+            clients: None,
         }
     }
     /// The developer's local stack: fixed ports, durable, on disk, kept across `up`/`down`.
@@ -105,6 +120,8 @@ impl ProfileSpec {
             durable: true,
             mongo_in_memory: false,
             throwaway: false,
+            host: proc::loopback(),
+            clients: None,
         }
     }
 }
@@ -145,13 +162,13 @@ fn pg_alive(s: &StackState) -> bool {
     let pid = std::fs::read_to_string(pid_file)
         .ok()
         .and_then(|t| t.lines().next().and_then(|l| l.trim().parse().ok()));
-    pid.is_some_and(proc::pid_alive) && proc::port_open(s.pg_port)
+    pid.is_some_and(proc::pid_alive) && proc::port_open_on(&s.host, s.pg_port)
 }
 fn kafka_alive(s: &StackState) -> bool {
-    proc::pid_alive(s.kafka_pid) && proc::port_open(s.kafka_port)
+    proc::pid_alive(s.kafka_pid) && proc::port_open_on(&s.host, s.kafka_port)
 }
 fn mongo_alive(s: &StackState) -> bool {
-    proc::pid_alive(s.mongo_pid) && proc::port_open(s.mongo_port)
+    proc::pid_alive(s.mongo_pid) && proc::port_open_on(&s.host, s.mongo_port)
 }
 
 /// What `ensure_stack` did.
@@ -188,11 +205,15 @@ pub async fn ensure_stack(spec: &ProfileSpec) -> Result<Ensured> {
             port: s.pg_port,
             dir: s.pg_dir.clone(),
             durable: s.pg_durable,
+            host: s.host.clone(),
+            clients: s.clients.clone(),
         },
         None => PostgresConfig {
             port: port_or_free(spec.pg_port)?,
             dir: postgres::base_dir().join(format!("stack-{}", spec.name)),
             durable: spec.durable,
+            host: spec.host.clone(),
+            clients: spec.clients.clone(),
         },
     };
     let kafka_cfg = match &previous {
@@ -201,12 +222,14 @@ pub async fn ensure_stack(spec: &ProfileSpec) -> Result<Ensured> {
             controller_port: s.kafka_controller_port,
             dir: s.kafka_dir.clone(),
             heap: "1g".into(),
+            host: s.host.clone(),
         },
         None => KafkaConfig {
             port: port_or_free(spec.kafka_port)?,
             controller_port: port_or_free(spec.kafka_controller_port)?,
             dir: base.join("kafka"),
             heap: "1g".into(),
+            host: spec.host.clone(),
         },
     };
     // The shared servers are never killed by tests, and the local stack favours speed: no per-commit fsync
@@ -218,6 +241,7 @@ pub async fn ensure_stack(spec: &ProfileSpec) -> Result<Ensured> {
             dir: s.mongo_dir.clone(),
             storage: s.mongo_storage.clone(),
             sync_on_commit: false,
+            host: s.host.clone(),
         },
         _ => MongoConfig {
             port: port_or_free(spec.mongo_port)?,
@@ -229,6 +253,7 @@ pub async fn ensure_stack(spec: &ProfileSpec) -> Result<Ensured> {
             }),
             sync_on_commit: false,
             server: server.clone(),
+            host: spec.host.clone(),
         },
     };
 
@@ -332,6 +357,8 @@ pub async fn ensure_stack(spec: &ProfileSpec) -> Result<Ensured> {
         mongo_storage: mongo_cfg.storage.clone(),
         mongo_pid,
         throwaway: spec.throwaway,
+        host: pg_cfg.host.clone(),
+        clients: pg_cfg.clients.clone(),
     };
     write_state(&state)?;
     Ok(Ensured { state, started })
@@ -360,6 +387,8 @@ pub async fn stop_stack(profile: &str) -> Result<bool> {
         port: s.pg_port,
         dir: s.pg_dir.clone(),
         durable: s.pg_durable,
+        host: s.host.clone(),
+        clients: s.clients.clone(),
     })
     .await?;
     let mut kafka = Kafka::attach(
@@ -368,6 +397,7 @@ pub async fn stop_stack(profile: &str) -> Result<bool> {
             controller_port: s.kafka_controller_port,
             dir: s.kafka_dir.clone(),
             heap: "1g".into(),
+            host: s.host.clone(),
         },
         s.kafka_pid,
     )
@@ -379,6 +409,7 @@ pub async fn stop_stack(profile: &str) -> Result<bool> {
             dir: s.mongo_dir.clone(),
             storage: s.mongo_storage.clone(),
             sync_on_commit: false,
+            host: s.host.clone(),
         },
         s.mongo_pid,
     );

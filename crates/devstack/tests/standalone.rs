@@ -25,21 +25,42 @@ fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
 
 #[test]
 fn nothing_in_the_repository_reads_a_folder_beside_it() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap();
     let mut files = Vec::new();
     files_under(&root, &mut files);
-    assert!(files.len() > 100, "walked too few files ({}) under {root:?}", files.len());
+    assert!(
+        files.len() > 100,
+        "walked too few files ({}) under {root:?}",
+        files.len()
+    );
     // Spelled in pieces so that this file does not match itself.
-    let needles = [format!("{}/{}", "..", "shared"), format!("CQRS_{}_DIR", "SHARED")];
+    let needles = [
+        format!("{}/{}", "..", "shared"),
+        format!("CQRS_{}_DIR", "SHARED"),
+    ];
     let mut offenders = Vec::new();
     for file in &files {
-        let Ok(bytes) = std::fs::read(file) else { continue };
+        let Ok(bytes) = std::fs::read(file) else {
+            continue;
+        };
         let text = String::from_utf8_lossy(&bytes);
         for (n, line) in text.lines().enumerate() {
             if needles.iter().any(|needle| line.contains(needle.as_str())) {
-                offenders.push(format!("{}:{}: {}", file.strip_prefix(&root).unwrap().display(), n + 1, line.trim()));
+                offenders.push(format!(
+                    "{}:{}: {}",
+                    file.strip_prefix(&root).unwrap().display(),
+                    n + 1,
+                    line.trim()
+                ));
             }
         }
     }
-    assert!(offenders.is_empty(), "files refer to a folder outside the repository:\n{}", offenders.join("\n"));
+    assert!(
+        offenders.is_empty(),
+        "files refer to a folder outside the repository:\n{}",
+        offenders.join("\n")
+    );
 }

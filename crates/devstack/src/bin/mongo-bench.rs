@@ -254,6 +254,7 @@ async fn start(name: &str) -> anyhow::Result<Running> {
         dir: dir.clone(),
         storage,
         sync_on_commit,
+        host: cqrs_devstack::loopback(),
     })
     .await?;
     Ok(Running { mongo, pg, dir })

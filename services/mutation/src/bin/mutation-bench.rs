@@ -331,6 +331,8 @@ async fn main() -> anyhow::Result<()> {
                 port: free_port()?,
                 dir: dir.clone(),
                 durable: true,
+                host: cqrs_devstack::loopback(),
+                clients: None,
             })
             .await?;
             pg.create_database("bench").await?;
