@@ -50,6 +50,7 @@ pub struct Application {
     max_connections: usize,
     header_read_timeout: Duration,
     drain_timeout: Duration,
+    shutdown_linger: Duration,
 }
 
 /// Paths the gateway answers itself; everything else is proxied.
@@ -75,6 +76,7 @@ impl Application {
             pool_idle_timeout,
             pool_max_idle_per_host,
             drain_timeout,
+            shutdown_linger,
             rate_limit,
         } = config;
 
@@ -173,6 +175,7 @@ impl Application {
             max_connections,
             header_read_timeout,
             drain_timeout,
+            shutdown_linger,
         })
     }
 
@@ -204,6 +207,7 @@ impl Application {
             max_connections,
             header_read_timeout,
             drain_timeout,
+            shutdown_linger,
         } = self;
         tracing::info!(%addr, "gateway listening");
         let connections = Arc::new(Semaphore::new(max_connections));
@@ -212,7 +216,24 @@ impl Application {
         http.timer(TokioTimer::new())
             .header_read_timeout(header_read_timeout)
             .keep_alive(true);
-        let mut shutdown = std::pin::pin!(shutdown);
+        // Shutdown in two steps: first linger (still accepting, every answer closes its connection), then stop
+        // accepting and drain.
+        let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = {
+            let draining = draining.clone();
+            async move {
+                shutdown.await;
+                draining.store(true, std::sync::atomic::Ordering::SeqCst);
+                if !shutdown_linger.is_zero() {
+                    tracing::info!(
+                        ?shutdown_linger,
+                        "shutting down: closing connections after each answer"
+                    );
+                    tokio::time::sleep(shutdown_linger).await;
+                }
+            }
+        };
+        let mut shutdown = std::pin::pin!(stop);
 
         loop {
             // At the connection cap, stop accepting: further clients wait in the kernel backlog.
@@ -238,15 +259,24 @@ impl Application {
             let _ = stream.set_nodelay(true);
             let gw = gateway.clone();
             let health = health.clone();
+            let draining = draining.clone();
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let gw = gw.clone();
                 let health = health.clone();
+                let draining = draining.clone();
                 async move {
-                    if is_own_path(req.uri().path()) {
-                        health.oneshot(req.map(Body::new)).await
+                    let mut res = if is_own_path(req.uri().path()) {
+                        health.oneshot(req.map(Body::new)).await?
                     } else {
-                        Ok::<_, Infallible>(gw.handle(req, peer).await)
+                        gw.handle(req, peer).await
+                    };
+                    if draining.load(std::sync::atomic::Ordering::SeqCst) {
+                        res.headers_mut().insert(
+                            hyper::header::CONNECTION,
+                            hyper::header::HeaderValue::from_static("close"),
+                        );
                     }
+                    Ok::<_, Infallible>(res)
                 }
             });
             let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));

@@ -109,6 +109,9 @@ pub struct ServeArgs {
     /// Bound on draining in-flight requests at shutdown.
     #[arg(long, env = "GATEWAY_DRAIN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// After SIGTERM, keep serving this long with `Connection: close` on every answer, before draining.
+    #[arg(long, env = "GATEWAY_SHUTDOWN_LINGER", default_value = "2s", value_parser = parse_duration)]
+    pub shutdown_linger: Duration,
     /// Per-client sustained requests per second (token subject, else client IP); 0 disables rate limiting.
     #[arg(long, env = "GATEWAY_RATE_LIMIT_RPS", default_value_t = 0.0)]
     pub rate_limit_rps: f64,
@@ -175,6 +178,7 @@ impl ServeArgs {
             pool_idle_timeout,
             pool_max_idle,
             drain_timeout,
+            shutdown_linger,
             rate_limit_rps,
             rate_limit_burst,
             telemetry,
@@ -216,6 +220,7 @@ impl ServeArgs {
             pool_idle_timeout,
             pool_max_idle_per_host: pool_max_idle,
             drain_timeout,
+            shutdown_linger,
             rate_limit,
         };
         Ok((config, telemetry))

@@ -83,6 +83,10 @@ pub struct Config {
     pub pool_max_idle_per_host: usize,
     /// Bound on draining in-flight requests at shutdown.
     pub drain_timeout: Duration,
+    /// After SIGTERM, keep accepting and serving this long, answering every request with `Connection: close`,
+    /// so that clients leave their pooled connections to this pod on a response of their own instead of
+    /// racing the close of an idle connection (a request sent as the server closes it is lost).
+    pub shutdown_linger: Duration,
     pub rate_limit: Option<RateLimit>,
 }
 
@@ -109,6 +113,7 @@ impl Config {
             pool_idle_timeout: Duration::from_secs(60),
             pool_max_idle_per_host: 512,
             drain_timeout: Duration::from_secs(20),
+            shutdown_linger: Duration::ZERO,
             rate_limit: None,
         }
     }

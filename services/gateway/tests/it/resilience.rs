@@ -298,3 +298,47 @@ async fn drain_is_bounded_when_a_request_never_finishes() {
         "waited for the drain period"
     );
 }
+
+/// After the shutdown signal the gateway lingers: it still accepts new connections and answers, and every
+/// answer carries `Connection: close`, so clients drop their pooled connections to it on a response instead of
+/// racing the close of an idle one (the rolling update on a real cluster lost a request that way).
+#[tokio::test]
+async fn shutdown_lingers_accepting_and_closing_each_connection_after_its_answer() {
+    let (m, q) = (
+        TestUpstream::start("mutation"),
+        TestUpstream::start("query"),
+    );
+    let mut cfg = config(&m, &q);
+    cfg.shutdown_linger = Duration::from_secs(2);
+    let mut gw = spawn_gateway(cfg).await;
+    let c = http();
+    let before = c.get(gw.url("/healthz")).send().await.expect("before");
+    assert_ne!(
+        before.headers().get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..]),
+        "keep-alive before shutdown"
+    );
+    let started = Instant::now();
+    gw.stop();
+    // A new client (a new connection) is still served while the gateway lingers.
+    let fresh = http();
+    let during = fresh
+        .get(gw.url("/product/1"))
+        .header("authorization", bearer(&["reader"]))
+        .send()
+        .await
+        .expect("served while lingering");
+    assert_eq!(during.status(), StatusCode::OK);
+    assert_eq!(
+        during.headers().get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..]),
+        "answers close their connection while lingering"
+    );
+    let handle = gw.handle.take().expect("handle");
+    tokio::time::timeout(PATIENCE, handle)
+        .await
+        .expect("exits after lingering")
+        .expect("task")
+        .expect("ok");
+    assert!(started.elapsed() >= Duration::from_millis(1500), "lingered");
+}
