@@ -23,7 +23,7 @@ stop() { # name...: SIGTERM, then SIGKILL after 10 s
   done
 }
 
-stop kube-proxy kubelet kube-controller-manager kube-scheduler
+stop prometheus prometheus-sd kube-proxy kubelet kube-controller-manager kube-scheduler
 if [[ -S "$SOCK" ]] && ctr --address "$SOCK" version >/dev/null 2>&1; then
   tasks=$(ctr_ tasks ls -q 2>/dev/null)
   for id in $tasks; do ctr_ tasks kill -s SIGKILL "$id" >/dev/null 2>&1; done

@@ -72,22 +72,16 @@ fn dashboard_queries() -> Vec<(String, String, String)> {
     out
 }
 
-/// Panels that must show data while the stack runs under load (the operator is not part of the local stack,
-/// and DLQ/skips/rebuilds/refusals only have series once they happen).
-const KEY_PANELS: &[&str] = &[
-    "Write throughput (accepted commands/s)",
-    "Command outcomes",
-    "Command latency p99 by type",
-    "Relay backlog (outbox rows)",
-    "Relay: oldest unpublished event age",
-    "Relay: published events/s, errors/s, leaders",
-    "Consumer lag by topic (messages)",
-    "Projection end-to-end lag p50 / p99 (event occurred → applied)",
-    "Gateway latency p99 by route",
-    "Query read latency p99 by route",
-    "Gateway requests by status",
-    "Gateway 5xx ratio",
-];
+/// Panels that must show data while the stack runs under load, from `observability/key-panels.txt` (shared
+/// with the cluster e2e).
+fn key_panels() -> Vec<String> {
+    include_str!("../observability/key-panels.txt")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect()
+}
 
 #[test]
 fn promtool_checks_and_unit_tests_the_alert_rules() {
@@ -262,7 +256,9 @@ async fn prometheus_scrapes_the_stack_and_every_dashboard_query_works() {
         let v = query(&http, &prom.base, expr).await;
         assert_eq!(v["status"], "success", "{file}: {title}: {expr}: {v}");
     }
-    for key in KEY_PANELS {
+    let key_panels = key_panels();
+    assert!(key_panels.len() >= 10, "{key_panels:?}");
+    for key in &key_panels {
         assert!(
             queries.iter().any(|(_, t, _)| t == key),
             "key panel {key} missing"
@@ -272,10 +268,7 @@ async fn prometheus_scrapes_the_stack_and_every_dashboard_query_works() {
     let mut missing: Vec<String>;
     loop {
         missing = Vec::new();
-        for (file, title, expr) in queries
-            .iter()
-            .filter(|(_, t, _)| KEY_PANELS.contains(&t.as_str()))
-        {
+        for (file, title, expr) in queries.iter().filter(|(_, t, _)| key_panels.contains(t)) {
             let v = query(&http, &prom.base, expr).await;
             let results = v["data"]["result"].as_array().cloned().unwrap_or_default();
             // Data = at least one series with a number (histogram_quantile over no traffic gives NaN).

@@ -12,9 +12,9 @@ use k8s_openapi::{
         core::v1::{
             Capabilities, ConfigMap, ConfigMapEnvSource, Container, ContainerPort,
             EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction, Lifecycle,
-            LifecycleHandler, PodSecurityContext, PodSpec, PodTemplateSpec,
-            Probe, SeccompProfile, SecretEnvSource, SecretKeySelector, SecurityContext, Service,
-            ServicePort, ServiceSpec, SleepAction, Volume, VolumeMount,
+            LifecycleHandler, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
+            SecretEnvSource, SecretKeySelector, SecurityContext, Service, ServicePort, ServiceSpec,
+            SleepAction, Volume, VolumeMount,
         },
         policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec},
     },

@@ -322,9 +322,22 @@ fn configuration_and_secrets_reach_the_right_service() {
             .map(|s| s.seconds);
         assert_eq!(sleep, Some(cqrs_operator::build::PRE_STOP_SECONDS));
     }
+    // The pod's grace period covers the preStop sleep and the shutdown budget (the budget is what the
+    // ConfigMap passes on; the grace period is what the pod spec says).
+    let grace = deployment(&children, "shop-gateway")
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap()
+        .termination_grace_period_seconds
+        .unwrap();
+    let budget: i64 = cm_value(&children, "SHUTDOWN_TIMEOUT_SECS")
+        .parse()
+        .unwrap();
     assert!(
-        cqrs_operator::build::PRE_STOP_SECONDS + cqrs_operator::build::SHUTDOWN_BUDGET_SECONDS
-            < cqrs_operator::build::TERMINATION_GRACE_SECONDS
+        cqrs_operator::build::PRE_STOP_SECONDS + budget < grace,
+        "{budget} + preStop < {grace}"
     );
     assert!(
         mu.env.unwrap().iter().all(|e| e.name != "MONGO_URL"),
@@ -626,4 +639,14 @@ fn min_insync_replicas_follows_the_replication_factor_in_both_topic_modes() {
         })
         .unwrap();
     assert_eq!(t["spec"]["config"]["min.insync.replicas"], "3");
+}
+
+fn cm_value(children: &[Child], key: &str) -> String {
+    children
+        .iter()
+        .find_map(|c| match c {
+            Child::ConfigMap(c) => c.data.as_ref().and_then(|d| d.get(key).cloned()),
+            _ => None,
+        })
+        .unwrap()
 }

@@ -354,13 +354,17 @@ fn shell_scripts_pass_shellcheck() {
         repo_root().join("operator/scripts/install-tools.sh"),
         repo_root().join("operator/tests/support/kube-up.sh"),
     ];
-    for e in std::fs::read_dir(repo_root().join("e2e/kind")).unwrap() {
-        let p = e.unwrap().path();
-        if p.extension().is_some_and(|x| x == "sh") {
-            scripts.push(p);
+    for dir in ["e2e/kind", "e2e/cluster"] {
+        for e in std::fs::read_dir(repo_root().join(dir)).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "sh") {
+                scripts.push(p);
+            }
         }
     }
-    assert!(scripts.len() >= 4, "{scripts:?}");
+    scripts.push(repo_root().join(".ci/run"));
+    scripts.push(repo_root().join(".ci/bootstrap"));
+    assert!(scripts.len() >= 12, "{scripts:?}");
     run(Command::new("shellcheck")
         .args(["-x", "-S", "warning"])
         .args(&scripts))
@@ -383,6 +387,16 @@ fn dockerfile_builds_every_binary_as_non_root() {
             "e2e.sh builds {bin}"
         );
     }
+    // The local cluster builds the same Dockerfile with buildah, from binaries built on the host.
+    assert!(
+        df.contains("AS prebuilt") && df.contains("ARG RUNTIME_BASE"),
+        "prebuilt target"
+    );
+    let images = std::fs::read_to_string(repo_root().join("e2e/cluster/images.sh")).unwrap();
+    assert!(
+        images.contains("--target prebuilt")
+            && images.contains("BINS=(gateway mutation query operator)")
+    );
 }
 
 /// The controller running as the chart's ServiceAccount (impersonated) can do its whole job: the ClusterRole
