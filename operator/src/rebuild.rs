@@ -64,8 +64,14 @@ impl AdminClient {
             .to_owned()
     }
 
-    pub async fn state(&self, name: &str, namespace: &str) -> Result<ProjectionsState, AdminError> {
-        let url = format!("{}/admin/projections", self.base_url(name, namespace));
+    /// GET `path` of the stack's query service, as JSON.
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+        namespace: &str,
+        path: &str,
+    ) -> Result<T, AdminError> {
+        let url = format!("{}{path}", self.base_url(name, namespace));
         let fail = |source| AdminError::Http {
             url: url.clone(),
             source,
@@ -81,6 +87,10 @@ impl AdminClient {
             .map_err(fail)
     }
 
+    pub async fn state(&self, name: &str, namespace: &str) -> Result<ProjectionsState, AdminError> {
+        self.get_json(name, namespace, "/admin/projections").await
+    }
+
     /// Messages the serving generation has not applied yet, from the query service's `/sync-status` (the
     /// committed offsets of its consumer group: the same for every replica).
     pub async fn serving_lag(
@@ -88,21 +98,7 @@ impl AdminClient {
         name: &str,
         namespace: &str,
     ) -> Result<Option<i64>, AdminError> {
-        let url = format!("{}/sync-status", self.base_url(name, namespace));
-        let fail = |source| AdminError::Http {
-            url: url.clone(),
-            source,
-        };
-        let v: serde_json::Value = self
-            .http
-            .get(&url)
-            .send()
-            .await
-            .and_then(reqwest::Response::error_for_status)
-            .map_err(fail)?
-            .json()
-            .await
-            .map_err(fail)?;
+        let v: serde_json::Value = self.get_json(name, namespace, "/sync-status").await?;
         Ok(serving_lag_of(&v))
     }
 

@@ -238,13 +238,7 @@ fn probes_ports_and_restricted_security_context() {
 #[test]
 fn configuration_and_secrets_reach_the_right_service() {
     let children = build(&desired(spec_json()));
-    let cm = children
-        .iter()
-        .find_map(|c| match c {
-            Child::ConfigMap(c) => c.data.clone(),
-            _ => None,
-        })
-        .unwrap();
+    let cm = config_map(&children);
     let want = BTreeMap::from(
         [
             ("LOG_FORMAT", "json"),
@@ -332,7 +326,7 @@ fn configuration_and_secrets_reach_the_right_service() {
         .unwrap()
         .termination_grace_period_seconds
         .unwrap();
-    let budget: i64 = cm_value(&children, "SHUTDOWN_TIMEOUT_SECS")
+    let budget: i64 = config_map(&children)["SHUTDOWN_TIMEOUT_SECS"]
         .parse()
         .unwrap();
     assert!(
@@ -641,11 +635,12 @@ fn min_insync_replicas_follows_the_replication_factor_in_both_topic_modes() {
     assert_eq!(t["spec"]["config"]["min.insync.replicas"], "3");
 }
 
-fn cm_value(children: &[Child], key: &str) -> String {
+/// The data of the stack's ConfigMap.
+fn config_map(children: &[Child]) -> BTreeMap<String, String> {
     children
         .iter()
         .find_map(|c| match c {
-            Child::ConfigMap(c) => c.data.as_ref().and_then(|d| d.get(key).cloned()),
+            Child::ConfigMap(c) => c.data.clone(),
             _ => None,
         })
         .unwrap()

@@ -137,6 +137,22 @@ async fn wait_projection(
     .await
 }
 
+/// Creates the stack `rb` and waits until generation 1 serves.
+async fn create_serving_1(stacks: &Api<CqrsStack>) {
+    stacks
+        .create(&PostParams::default(), &sample_stack("rb"))
+        .await
+        .expect("create");
+    wait_projection(stacks, "serving 1", |s| {
+        s.status
+            .as_ref()
+            .and_then(|st| st.projections.as_ref())
+            .and_then(|p| p.serving)
+            == Some(1)
+    })
+    .await;
+}
+
 fn rebuilding(s: &CqrsStack) -> Option<(String, String)> {
     condition(s, "Rebuilding").map(|c| (c.0, c.1))
 }
@@ -156,18 +172,7 @@ async fn generation_bump_drives_a_rebuild_that_survives_restarts_and_can_be_repl
     };
     let op = Operator::start(client.clone(), config.clone());
     let stacks: Api<CqrsStack> = Api::namespaced(client.clone(), &ns);
-    stacks
-        .create(&PostParams::default(), &sample_stack("rb"))
-        .await
-        .expect("create");
-    wait_projection(&stacks, "serving 1", |s| {
-        s.status
-            .as_ref()
-            .and_then(|st| st.projections.as_ref())
-            .and_then(|p| p.serving)
-            == Some(1)
-    })
-    .await;
+    create_serving_1(&stacks).await;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     let hash = |d: Deployment| {
         d.spec
@@ -341,18 +346,7 @@ async fn a_running_rebuild_is_polled_on_its_timer_not_in_a_loop() {
     };
     let op = Operator::start(client.clone(), config);
     let stacks: Api<CqrsStack> = Api::namespaced(client.clone(), &ns);
-    stacks
-        .create(&PostParams::default(), &sample_stack("rb"))
-        .await
-        .expect("create");
-    wait_projection(&stacks, "serving 1", |s| {
-        s.status
-            .as_ref()
-            .and_then(|st| st.projections.as_ref())
-            .and_then(|p| p.serving)
-            == Some(1)
-    })
-    .await;
+    create_serving_1(&stacks).await;
     stacks
         .patch(
             "rb",
